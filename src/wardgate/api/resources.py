@@ -1,0 +1,363 @@
+"""Resource kinds as pydantic models: `kind`, `version`, `metadata`, `spec`.
+
+Every kind people edit as YAML lives here, so the auth API, `wardctl` and the services agree on
+one shape. Secrets (password hashes, CA private keys, MFA seeds) are never part of a resource
+that is shown: they live in their own models with `secret` in the name and are stripped by
+`without_secrets()` before anything leaves the auth service.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from wardgate.durations import Duration
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,252}$")
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9/._:*-]{1,63}$")
+
+SYSTEM_ROLES = ("auth", "proxy", "node", "app", "db", "kube", "desktop", "admin")
+SystemRole = Literal["auth", "proxy", "node", "app", "db", "kube", "desktop", "admin"]
+"""Roles of machines, not people. `admin` is the local administrator identity of `wardctl`."""
+
+
+class Model(BaseModel):
+    """Strict base: unknown fields are an error that names them (typos must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Metadata(Model):
+    name: str
+    description: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+    expires: datetime | None = None
+    revision: int | None = None
+    """Set by the backend on read; pass it back to update only what you read (optimistic lock)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(
+                "must start with a letter or digit and hold only letters, digits and . _ @ + -"
+            )
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if not LABEL_KEY_RE.match(k):
+                raise ValueError(f"label key {k!r} must be 1-63 characters of letters, digits and /._:-")
+        return v
+
+    @field_validator("expires")
+    @classmethod
+    def _aware(cls, v: datetime | None) -> datetime | None:
+        if v is not None and v.tzinfo is None:
+            v = v.replace(tzinfo=UTC)
+        return v
+
+
+class Resource(Model):
+    """Base of every kind. Subclasses fix `kind` and give `spec` a type."""
+
+    KIND: ClassVar[str] = ""
+    kind: str
+    version: Literal["v1"] = "v1"
+    metadata: Metadata
+    spec: Any = None
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if cls.KIND and v != cls.KIND:
+            raise ValueError(f"expected kind {cls.KIND!r}, got {v!r}")
+        return v
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        exp = self.metadata.expires
+        return exp is not None and exp <= (now or utcnow())
+
+    def without_secrets(self) -> Resource:
+        return self
+
+    @classmethod
+    def new(cls, name: str, spec: Any = None, **meta: Any) -> Any:
+        """Build a resource of this kind: `Role.new("dev", RoleSpec(...), labels={...})`."""
+        spec_type = cls.model_fields["spec"].annotation
+        if spec is None and isinstance(spec_type, type) and issubclass(spec_type, BaseModel):
+            spec = spec_type()
+        return cls(kind=cls.KIND, metadata=Metadata(name=name, **meta), spec=spec)
+
+
+# ---------------------------------------------------------------- roles
+
+LabelValues = str | list[str]
+LabelMap = dict[str, LabelValues]
+"""Keys AND, values OR; values are exact strings, `*` globs, or `^…$` regexes; traits expand."""
+
+
+class Rule(Model):
+    resources: list[str]
+    verbs: list[str]
+    where: str | None = None
+
+    @field_validator("verbs")
+    @classmethod
+    def _verbs(cls, v: list[str]) -> list[str]:
+        allowed = {"*", "list", "read", "create", "update", "delete"}
+        bad = [x for x in v if x not in allowed]
+        if bad:
+            raise ValueError(f"unknown verb(s) {bad}: use {sorted(allowed)}")
+        return v
+
+
+class RoleConditions(Model):
+    logins: list[str] = Field(default_factory=list)
+    node_labels: LabelMap = Field(default_factory=dict)
+    app_labels: LabelMap = Field(default_factory=dict)
+    db_labels: LabelMap = Field(default_factory=dict)
+    db_users: list[str] = Field(default_factory=list)
+    db_names: list[str] = Field(default_factory=list)
+    kubernetes_labels: LabelMap = Field(default_factory=dict)
+    kubernetes_groups: list[str] = Field(default_factory=list)
+    kubernetes_users: list[str] = Field(default_factory=list)
+    desktop_labels: LabelMap = Field(default_factory=dict)
+    desktop_logins: list[str] = Field(default_factory=list)
+    rules: list[Rule] = Field(default_factory=list)
+    join_sessions: list[str] = Field(default_factory=list)
+    """Kinds of session participation allowed: `observer`, `peer` (used by `ward join`)."""
+
+
+class RoleOptions(Model):
+    """Unset options take the defaults below; across roles the strictest value wins."""
+
+    max_session_ttl: Duration = timedelta(hours=12)
+    require_session_mfa: bool = False
+    port_forwarding: bool = True
+    forward_agent: bool = False
+    client_idle_timeout: Duration | None = None
+    disconnect_expired_cert: bool = False
+    record_session: bool = True
+    record_input: bool = False
+
+
+class RoleSpec(Model):
+    options: RoleOptions = Field(default_factory=RoleOptions)
+    allow: RoleConditions = Field(default_factory=RoleConditions)
+    deny: RoleConditions = Field(default_factory=RoleConditions)
+
+
+class Role(Resource):
+    KIND: ClassVar[str] = "role"
+    kind: str = "role"
+    spec: RoleSpec = Field(default_factory=RoleSpec)
+
+
+# ---------------------------------------------------------------- users
+
+Traits = dict[str, list[str]]
+
+
+class UserStatus(Model):
+    locked_until: datetime | None = None
+    lock_reason: str = ""
+
+
+class UserSpec(Model):
+    roles: list[str] = Field(default_factory=list)
+    traits: Traits = Field(default_factory=dict)
+    """`logins`, `db_users`, `kubernetes_groups`… feed `{{internal.NAME}}` in roles."""
+    status: UserStatus = Field(default_factory=UserStatus)
+    created: datetime | None = None
+    created_by: str = ""
+    has_password: bool = False
+    mfa_devices: list[str] = Field(default_factory=list)
+    """Names of enrolled MFA devices (their secrets live elsewhere)."""
+
+
+class User(Resource):
+    KIND: ClassVar[str] = "user"
+    kind: str = "user"
+    spec: UserSpec = Field(default_factory=UserSpec)
+
+
+# ---------------------------------------------------------------- tokens
+
+class TokenSpec(Model):
+    roles: list[SystemRole]
+    token_hash: str = ""
+    """sha256 hex of the token; the token itself is shown once and never stored."""
+    static: bool = False
+
+    @field_validator("roles")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("a token needs at least one system role (node, app, db, kube, desktop, proxy)")
+        return v
+
+
+class Token(Resource):
+    KIND: ClassVar[str] = "token"
+    kind: str = "token"
+    spec: TokenSpec
+
+    def without_secrets(self) -> Token:
+        return self.model_copy(update={"spec": self.spec.model_copy(update={"token_hash": ""})})
+
+
+# ---------------------------------------------------------------- certificate authorities
+
+CAType = Literal["user", "host", "db", "jwt"]
+
+
+class CAKeyPair(Model):
+    ssh_public_key: str = ""
+    """OpenSSH one-line public key (user and host CAs)."""
+    ssh_private_key_pem: str = ""
+    tls_cert_pem: str = ""
+    """Self-signed X.509 CA certificate (user, host and db CAs)."""
+    tls_private_key_pem: str = ""
+    jwt_public_key_pem: str = ""
+    jwt_private_key_pem: str = ""
+
+
+class CertAuthoritySpec(Model):
+    type: CAType
+    cluster_name: str
+    active_keys: list[CAKeyPair] = Field(default_factory=list)
+    additional_trusted_keys: list[CAKeyPair] = Field(default_factory=list)
+    """Keys still trusted (e.g. during rotation) but no longer used to sign."""
+
+
+class CertAuthority(Resource):
+    KIND: ClassVar[str] = "cert_authority"
+    kind: str = "cert_authority"
+    spec: CertAuthoritySpec
+
+    def without_secrets(self) -> CertAuthority:
+        def strip(kp: CAKeyPair) -> CAKeyPair:
+            return kp.model_copy(
+                update={"ssh_private_key_pem": "", "tls_private_key_pem": "", "jwt_private_key_pem": ""}
+            )
+
+        spec = self.spec.model_copy(
+            update={
+                "active_keys": [strip(k) for k in self.spec.active_keys],
+                "additional_trusted_keys": [strip(k) for k in self.spec.additional_trusted_keys],
+            }
+        )
+        return self.model_copy(update={"spec": spec})
+
+
+# ---------------------------------------------------------------- nodes
+
+class CommandLabel(Model):
+    name: str
+    command: list[str]
+    period: Duration = timedelta(minutes=1)
+    result: str = ""
+
+
+class NodeSpec(Model):
+    hostname: str = ""
+    addr: str = ""
+    """host:port the proxy dials in direct mode; empty when reachable only through a tunnel."""
+    host_id: str = ""
+    tunnel: bool = False
+    agentless: bool = False
+    cmd_labels: dict[str, CommandLabel] = Field(default_factory=dict)
+    version: str = ""
+
+
+class Node(Resource):
+    KIND: ClassVar[str] = "node"
+    kind: str = "node"
+    spec: NodeSpec = Field(default_factory=NodeSpec)
+
+    def all_labels(self) -> dict[str, str]:
+        """Static labels plus the latest output of command labels."""
+        out = dict(self.metadata.labels)
+        out.update({k: v.result for k, v in self.spec.cmd_labels.items()})
+        return out
+
+
+# ---------------------------------------------------------------- locks
+
+class LockTarget(Model):
+    user: str = ""
+    role: str = ""
+    node: str = ""
+    login: str = ""
+
+    def is_empty(self) -> bool:
+        return not (self.user or self.role or self.node or self.login)
+
+
+class LockSpec(Model):
+    target: LockTarget
+    message: str = ""
+    created_by: str = ""
+    created: datetime | None = None
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: LockTarget) -> LockTarget:
+        if v.is_empty():
+            raise ValueError("a lock needs a target: user, role, node or login")
+        return v
+
+
+class Lock(Resource):
+    KIND: ClassVar[str] = "lock"
+    kind: str = "lock"
+    spec: LockSpec
+
+
+# ---------------------------------------------------------------- registry
+
+KINDS: dict[str, type[Resource]] = {
+    cls.KIND: cls for cls in (Role, User, Token, CertAuthority, Node, Lock)
+}
+KIND_ALIASES = {
+    "roles": "role",
+    "users": "user",
+    "tokens": "token",
+    "cert_authorities": "cert_authority",
+    "cas": "cert_authority",
+    "ca": "cert_authority",
+    "nodes": "node",
+    "locks": "lock",
+}
+
+AnyResource = Annotated[Resource, "any kind"]
+
+
+def resolve_kind(name: str) -> str:
+    """Accept `role`, `roles`, `cas`…; raise ValueError listing what exists."""
+    k = KIND_ALIASES.get(name, name)
+    if k not in KINDS:
+        raise ValueError(f"unknown kind {name!r}: expected one of {', '.join(sorted(KINDS))}")
+    return k
+
+
+def register_kind(cls: type[Resource], *aliases: str) -> type[Resource]:
+    """Later capabilities (app, db, kube_cluster…) add their kinds here."""
+    KINDS[cls.KIND] = cls
+    for a in aliases:
+        KIND_ALIASES[a] = cls.KIND
+    return cls
