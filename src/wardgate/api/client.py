@@ -1,0 +1,296 @@
+"""Typed async client for the auth API, used by `wardctl`, `ward` and remote services."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from wardgate.api.codec import resource_from_dict, resource_to_dict
+from wardgate.api.events import ResourceEvent, ResourceEventType
+from wardgate.api.identityfile import IdentityFile, server_trusting_context
+from wardgate.api.resources import Resource, resolve_kind
+from wardgate.errors import ERRORS_BY_CODE, AuthenticationError, BadParameterError, WardgateError
+
+
+def _spki_pin(cert: x509.Certificate) -> str:
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(spki).hexdigest()
+
+
+class ConnectionFailed(WardgateError):
+    code = "connection_failed"
+    status = 503
+
+
+class AuthClient:
+    """One HTTPS session to the auth API. Use `async with AuthClient(...) as c:`."""
+
+    def __init__(self, addr: str, ssl_context: ssl.SSLContext, *, timeout: float = 30.0) -> None:
+        self.addr = addr
+        self.base = f"https://{_host_port(addr)}"
+        self._ssl = ssl_context
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=None)
+        self._session: aiohttp.ClientSession | None = None
+        self.request_timeout = timeout
+
+    @classmethod
+    def from_identity(cls, ident: IdentityFile, addr: str = "") -> AuthClient:
+        addr = addr or ident.auth_server
+        if not addr:
+            raise BadParameterError("no auth server address: pass --auth-server HOST:PORT")
+        cert = ident.certificate
+        expires = cert.not_valid_after_utc
+        if expires <= datetime.now(expires.tzinfo):
+            raise AuthenticationError(
+                f"your certificate expired at {expires:%Y-%m-%d %H:%M:%S} UTC: log in again "
+                "(`ward login`) or restart wardgate to renew the admin identity"
+            )
+        return cls(addr, ident.client_ssl_context())
+
+    @classmethod
+    async def discover_trust(cls, addr: str, *, ca_pin: str = "", insecure: bool = False) -> list[str]:
+        """First contact: fetch the cluster's host CA, check it against the pin, return its PEMs."""
+        if not ca_pin and not insecure:
+            raise BadParameterError(
+                "pass --ca-pin (from `wardctl status`) to trust this cluster, or --insecure for a dev setup"
+            )
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # pin checked below against the chain the server signed with
+        async with cls(addr, ctx) as c:
+            ping = await c.ping()
+        pems: list[str] = ping.get("host_ca_pems") or []
+        cas = [x509.load_pem_x509_certificate(p.encode()) for p in pems]
+        if ca_pin and not any(_spki_pin(ca) == ca_pin.strip() for ca in cas):
+            raise AuthenticationError(
+                "the server's CA does not match --ca-pin: you may be talking to an impostor; "
+                "check the pin with `wardctl status` on the auth server"
+            )
+        # Reconnect verifying against that CA, so the pin binds the TLS session we use next.
+        async with cls(addr, server_trusting_context(pems)) as c:
+            await c.ping()
+        return pems
+
+    async def __aenter__(self) -> AuthClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _sess(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=16), timeout=self._timeout
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, params: Any = None
+    ) -> dict[str, Any]:
+        try:
+            async with self._sess().request(
+                method,
+                self.base + path,
+                json=body,
+                params=params,
+                timeout=aiohttp.ClientTimeout(total=self.request_timeout),
+            ) as resp:
+                text = await resp.text()
+                status = resp.status
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise ConnectionFailed(
+                f"cannot verify the auth server at {self.addr}: {exc.certificate_error}"
+            ) from None
+        except aiohttp.ClientSSLError as exc:
+            raise ConnectionFailed(_ssl_hint(self.addr, exc)) from None
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise ConnectionFailed(
+                f"cannot reach the auth server at {self.addr} ({exc or type(exc).__name__}): "
+                "is wardgate running?"
+            ) from None
+        try:
+            data = json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            raise WardgateError(f"unexpected answer from {self.addr} (HTTP {status})") from None
+        if status >= 400:
+            err = data.get("error") or {}
+            cls = ERRORS_BY_CODE.get(err.get("code", ""), WardgateError)
+            raise cls(err.get("message") or f"HTTP {status}")
+        return data
+
+    # ---- public calls
+
+    async def ping(self) -> dict[str, Any]:
+        return await self.call("GET", "/v1/ping")
+
+    async def join(self, **body: Any) -> dict[str, Any]:
+        return await self.call("POST", "/v1/join", body)
+
+    async def begin_registration(self, token: str) -> dict[str, Any]:
+        return await self.call("POST", "/v1/invites/begin", {"token": token})
+
+    async def complete_registration(self, token: str, password: str, otp: str = "") -> dict[str, Any]:
+        return await self.call(
+            "POST", "/v1/invites/complete", {"token": token, "password": password, "otp": otp}
+        )
+
+    async def login(self, **body: Any) -> dict[str, Any]:
+        return await self.call("POST", "/v1/login", body)
+
+    # ---- authenticated
+
+    async def status(self) -> dict[str, Any]:
+        return await self.call("GET", "/v1/status")
+
+    async def whoami(self) -> dict[str, Any]:
+        return await self.call("GET", "/v1/whoami")
+
+    async def list_resources(self, kind: str) -> list[Resource]:
+        data = await self.call("GET", f"/v1/resources/{resolve_kind(kind)}")
+        return [resource_from_dict(d) for d in data["items"]]
+
+    async def get_resource(self, kind: str, name: str) -> Resource:
+        return resource_from_dict(await self.call("GET", f"/v1/resources/{resolve_kind(kind)}/{name}"))
+
+    async def put_resource(self, res: Resource, *, force: bool = False) -> Resource:
+        data = await self.call("POST", "/v1/resources", {"resource": resource_to_dict(res), "force": force})
+        return resource_from_dict(data)
+
+    async def delete_resource(self, kind: str, name: str) -> None:
+        await self.call("DELETE", f"/v1/resources/{resolve_kind(kind)}/{name}")
+
+    async def create_user(
+        self, name: str, roles: Sequence[str], traits: dict[str, list[str]]
+    ) -> dict[str, Any]:
+        return await self.call("POST", "/v1/users", {"name": name, "roles": list(roles), "traits": traits})
+
+    async def reset_user(self, name: str) -> dict[str, Any]:
+        return await self.call("POST", f"/v1/users/{name}/reset")
+
+    async def unlock_user(self, name: str) -> None:
+        await self.call("POST", f"/v1/users/{name}/unlock")
+
+    async def create_token(self, roles: Sequence[str], ttl: str) -> dict[str, Any]:
+        return await self.call("POST", "/v1/tokens", {"roles": list(roles), "ttl": ttl})
+
+    async def create_lock(self, target: dict[str, str], ttl: str = "", message: str = "") -> Resource:
+        data = await self.call("POST", "/v1/locks", {"target": target, "ttl": ttl, "message": message})
+        return resource_from_dict(data)
+
+    async def export_ca(self, ca_type: str) -> dict[str, Any]:
+        return await self.call("GET", f"/v1/cas/{ca_type}")
+
+    async def sign_user(self, **body: Any) -> dict[str, Any]:
+        return await self.call("POST", "/v1/certs/user", body)
+
+    async def sign_host(self, **body: Any) -> dict[str, Any]:
+        return await self.call("POST", "/v1/certs/host", body)
+
+    async def heartbeat(self, res: Resource) -> Resource:
+        return resource_from_dict(
+            await self.call("POST", "/v1/nodes/heartbeat", {"resource": resource_to_dict(res)})
+        )
+
+    async def explain(self, user: str, node: str, login: str) -> dict[str, Any]:
+        return await self.call("POST", "/v1/access/explain", {"user": user, "node": node, "login": login})
+
+    async def emit_events(self, events: Sequence[dict[str, Any]]) -> None:
+        await self.call("POST", "/v1/events", {"events": list(events)})
+
+    async def search_events(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        types: Sequence[str] = (),
+        user: str = "",
+        sid: str = "",
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        params: list[tuple[str, str]] = [("limit", str(limit))]
+        if since:
+            params.append(("since", since.isoformat()))
+        if until:
+            params.append(("until", until.isoformat()))
+        params += [("type", t) for t in types]
+        if user:
+            params.append(("user", user))
+        if sid:
+            params.append(("sid", sid))
+        if cursor:
+            params.append(("cursor", cursor))
+        data = await self.call("GET", "/v1/events", params=params)
+        return data["events"], data.get("cursor")
+
+    @asynccontextmanager
+    async def watch(self, kinds: Sequence[str]) -> AsyncIterator[AsyncIterator[ResourceEvent]]:
+        """Snapshot + live changes, as ResourceCache.run wants them."""
+        resp = await self._sess().get(
+            self.base + "/v1/watch",
+            params={"kinds": ",".join(kinds)},
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60),
+        )
+        try:
+            if resp.status >= 400:
+                data = await resp.json()
+                err = data.get("error") or {}
+                raise ERRORS_BY_CODE.get(err.get("code", ""), WardgateError)(
+                    err.get("message", "watch failed")
+                )
+
+            async def events() -> AsyncIterator[ResourceEvent]:
+                async for raw in resp.content:
+                    line = json.loads(raw)
+                    if line["type"] == "ping":
+                        continue
+                    res = resource_from_dict(line["resource"]) if line.get("resource") else None
+                    if res is not None:
+                        res.metadata.revision = line.get("revision")
+                    yield ResourceEvent(
+                        ResourceEventType(line["type"]),
+                        line.get("kind", ""),
+                        line.get("name", ""),
+                        line.get("revision", 0),
+                        res,
+                    )
+
+            yield events()
+        finally:
+            resp.close()
+
+
+def _host_port(addr: str) -> str:
+    return addr if ":" in addr.rsplit("]", 1)[-1] else f"{addr}:3025"
+
+
+def _ssl_hint(addr: str, exc: Exception) -> str:
+    text = str(exc)
+    if "expired" in text:
+        return f"the auth server at {addr} refused our certificate: it has expired; log in again"
+    if "unknown ca" in text or "certificate verify failed" in text or "bad certificate" in text:
+        return f"TLS with {addr} failed ({text}): not a certificate of this cluster, or a wrong pin"
+    return f"TLS with {addr} failed: {text}"
+
+
+def new_tls_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())

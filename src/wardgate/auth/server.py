@@ -1,0 +1,681 @@
+"""The auth service's logic: one object the API server (and in-process services) call.
+
+Every public method takes the caller's Identity first and authorises it here, like Teleport's
+ServerWithRoles: the HTTP layer only decodes requests and encodes answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+
+from wardgate.api.cache import ResourceCache
+from wardgate.api.events import ResourceEvent, ResourceEventType
+from wardgate.api.resources import (
+    CertAuthority,
+    Lock,
+    LockSpec,
+    LockTarget,
+    Node,
+    Resource,
+    Role,
+    User,
+    resolve_kind,
+)
+from wardgate.audit.store import SQLiteAuditLog
+from wardgate.auth.ca import CertSigner, new_cert_authority
+from wardgate.auth.certs import verify_tls_identity
+from wardgate.auth.identity import Identity, RouteToApp, RouteToDatabase
+from wardgate.auth.keys import load_x509_pem_list, ssh_fingerprint, tls_ca_pin
+from wardgate.auth.locks import find_lock, lock_decision
+from wardgate.auth.rbac import BUILTIN_ROLES, AccessChecker, AccessDecision, role_problems
+from wardgate.auth.storage import ResourceStore
+from wardgate.auth.tokens import TokenManager
+from wardgate.auth.users import AuthPreference, Invite, UserManager
+from wardgate.backend.base import Backend
+from wardgate.errors import (
+    AccessDeniedError,
+    AlreadyExistsError,
+    AuthenticationError,
+    BadParameterError,
+    NotFoundError,
+)
+
+log = logging.getLogger(__name__)
+
+CACHED_KINDS = ("role", "user", "lock", "cert_authority", "node")
+CA_TYPES = ("user", "host", "db", "jwt")
+HOST_CERT_TTL = timedelta(days=30)
+ADMIN_CERT_TTL = timedelta(days=7)
+ADMIN_USER = "admin"
+
+# What each system role may do through the API (kind -> verbs). `admin` may do everything.
+SERVICE_RULES: dict[str, dict[str, set[str]]] = {
+    "proxy": {
+        "role": {"list", "read"},
+        "user": {"list", "read"},
+        "lock": {"list", "read"},
+        "cert_authority": {"list", "read"},
+        "node": {"list", "read", "create", "update"},
+        "event": {"create", "list", "read"},
+        "session": {"create", "list", "read"},
+    },
+    "node": {
+        "role": {"list", "read"},
+        "user": {"list", "read"},
+        "lock": {"list", "read"},
+        "cert_authority": {"list", "read"},
+        "node": {"list", "read", "create", "update"},
+        "event": {"create"},
+        "session": {"create"},
+    },
+}
+for _svc in ("app", "db", "kube", "desktop"):
+    SERVICE_RULES[_svc] = {
+        "role": {"list", "read"},
+        "user": {"list", "read"},
+        "lock": {"list", "read"},
+        "cert_authority": {"list", "read"},
+        "event": {"create"},
+        "session": {"create"},
+    }
+
+
+@dataclass
+class UserCerts:
+    ssh_cert: str
+    tls_cert: str
+    identity: Identity
+    ttl: timedelta
+
+
+@dataclass
+class HostCerts:
+    tls_cert: str
+    ssh_cert: str
+    host_id: str
+    identity: Identity
+
+
+@dataclass
+class AuthServerConfig:
+    cluster_name: str
+    prefs: AuthPreference = field(default_factory=AuthPreference)
+    cert_ttl: timedelta = timedelta(hours=12)
+    static_tokens: Sequence[str] = ()
+    public_addr: str = ""
+
+
+class AuthServer:
+    def __init__(
+        self,
+        cfg: AuthServerConfig,
+        backend: Backend,
+        audit: SQLiteAuditLog,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.cluster_name = cfg.cluster_name
+        self.backend = backend
+        self.store = ResourceStore(backend)
+        self.audit = audit
+        self.clock = clock
+        self.users = UserManager(self.store, audit, cfg.prefs, cluster_name=cfg.cluster_name, clock=clock)
+        self.tokens = TokenManager(self.store, audit, static=cfg.static_tokens, clock=clock)
+        self.cache = ResourceCache(CACHED_KINDS)
+        self._signers: dict[str, CertSigner] = {}
+        self._cache_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Create the cluster's CAs on first start, then fill the cache."""
+        for ca_type in CA_TYPES:
+            name = ca_type
+            if await self.store.find("cert_authority", name) is None:
+                ca = new_cert_authority(ca_type, self.cluster_name)
+                ca.metadata.name = name
+                with contextlib.suppress(AlreadyExistsError):  # another auth process won the race
+                    await self.store.create(ca)
+                    log.info("generated the %s certificate authority", ca_type)
+        for ca_type in CA_TYPES:
+            ca = await self.store.get("cert_authority", ca_type)
+            if ca.spec.cluster_name != self.cluster_name:  # type: ignore[attr-defined]
+                raise BadParameterError(
+                    f"the data directory belongs to cluster {ca.spec.cluster_name!r}, "  # type: ignore[attr-defined]
+                    f"but the config says {self.cluster_name!r}: fix cluster_name or use another data_dir"
+                )
+            if ca_type != "jwt":
+                self._signers[ca_type] = CertSigner(ca)  # type: ignore[arg-type]
+        self._cache_task = asyncio.create_task(
+            self.cache.run(lambda: self.store.watch(CACHED_KINDS)), name="auth-cache"
+        )
+        await asyncio.wait_for(self.cache.ready.wait(), 30)
+
+    async def close(self) -> None:
+        if self._cache_task:
+            self._cache_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cache_task
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    # ------------------------------------------------------------------ trust
+
+    def signer(self, ca_type: str) -> CertSigner:
+        return self._signers[ca_type]
+
+    def ca(self, ca_type: str) -> CertAuthority:
+        ca = self.cache.get("cert_authority", ca_type)
+        if ca is None:
+            raise NotFoundError(f"{ca_type} CA not found")
+        return ca  # type: ignore[return-value]
+
+    def ca_certs(self, ca_type: str) -> list[x509.Certificate]:
+        ca = self.ca(ca_type)
+        pems = [k.tls_cert_pem for k in (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)]
+        return load_x509_pem_list("".join(pems))
+
+    def ca_ssh_keys(self, ca_type: str) -> list[str]:
+        ca = self.ca(ca_type)
+        return [
+            k.ssh_public_key
+            for k in (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
+            if k.ssh_public_key
+        ]
+
+    def identify(self, cert: x509.Certificate) -> Identity:
+        """Who presented this client certificate: a user (user CA) or a service (host CA)."""
+        now = self.now()
+        try:
+            ident = verify_tls_identity(cert, self.ca_certs("user"), now=now)
+        except AuthenticationError as user_err:
+            try:
+                ident = verify_tls_identity(cert, self.ca_certs("host"), now=now)
+            except AuthenticationError:
+                raise user_err from None
+            if not ident.system_role:
+                raise AuthenticationError("host certificate carries no system role") from None
+            return ident
+        if ident.system_role:
+            raise AuthenticationError("a user certificate cannot claim a system role")
+        return ident
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"cluster_name": self.cluster_name, "cas": []}
+        for ca_type in CA_TYPES:
+            ca = self.ca(ca_type)
+            kp = ca.spec.active_keys[0]
+            row: dict[str, Any] = {"type": ca_type}
+            if kp.ssh_public_key:
+                row["ssh_fingerprint"] = ssh_fingerprint(kp.ssh_public_key)
+            if kp.tls_cert_pem:
+                row["tls_pin"] = tls_ca_pin(load_x509_pem_list(kp.tls_cert_pem)[0])
+            out["cas"].append(row)
+        out["ca_pin"] = tls_ca_pin(self.ca_certs("host")[0])
+        return out
+
+    # ------------------------------------------------------------------ authorisation
+
+    def checker_for(self, ident: Identity) -> AccessChecker:
+        return AccessChecker.for_identity(ident, self.cache.as_dict("role"))  # type: ignore[arg-type]
+
+    def check_locks(self, ident: Identity, *, node: str = "", login: str = "") -> None:
+        locks = self.cache.list("lock")
+        lock = find_lock(
+            locks,  # type: ignore[arg-type]
+            user=ident.user if not ident.system_role else "",
+            roles=ident.roles,
+            node=node or (ident.host_id if ident.system_role else ""),
+            login=login,
+            now=self.now(),
+        )
+        if lock is not None:
+            lock_decision(lock).raise_if_denied()
+
+    def authorize(self, ident: Identity, kind: str, verb: str) -> None:
+        """Raise AccessDeniedError unless the caller may do `verb` on `kind`."""
+        if ident.system_role == "admin":
+            return
+        if ident.system_role:
+            if verb in SERVICE_RULES.get(ident.system_role, {}).get(kind, set()):
+                self.check_locks(ident)
+                return
+            raise AccessDeniedError(f"the {ident.system_role} service may not {verb} {kind}")
+        self.check_locks(ident)
+        user = self.cache.get("user", ident.user)
+        if user is None:
+            raise AccessDeniedError(f"user {ident.user} no longer exists")
+        self.checker_for(ident).check_rule(kind, verb).raise_if_denied()
+
+    # ------------------------------------------------------------------ login and certificates
+
+    async def login(
+        self,
+        username: str,
+        password: str,
+        otp: str,
+        *,
+        ssh_public_key: str = "",
+        tls_public_key: str = "",
+        ttl: timedelta | None = None,
+        remote_addr: str = "",
+    ) -> UserCerts:
+        user = await self.users.authenticate(username, password, otp, remote_addr=remote_addr)
+        mfa = "otp" if self.cfg.prefs.otp_required else ""
+        return await self.issue_user_certs(
+            user,
+            ssh_public_key=ssh_public_key,
+            tls_public_key=tls_public_key,
+            ttl=ttl,
+            mfa_device=mfa,
+            by=username,
+        )
+
+    async def issue_user_certs(
+        self,
+        user: User,
+        *,
+        ssh_public_key: str = "",
+        tls_public_key: str = "",
+        ttl: timedelta | None = None,
+        route_to_db: RouteToDatabase | None = None,
+        route_to_app: RouteToApp | None = None,
+        kube_cluster: str = "",
+        mfa_device: str = "",
+        by: str = "",
+    ) -> UserCerts:
+        """Sign the user's keys with what their roles grant; TTL capped by max_session_ttl."""
+        if not ssh_public_key and not tls_public_key:
+            raise BadParameterError("send at least one public key to sign (ssh_public_key or tls_public_key)")
+        base = Identity(user=user.name, roles=tuple(user.spec.roles), traits=dict(user.spec.traits))
+        self.check_locks(base)
+        checker = self.checker_for(base)
+        max_ttl = checker.options.max_session_ttl
+        ttl = min(ttl or self.cfg.cert_ttl, max_ttl)
+        if ttl <= timedelta(0):
+            raise BadParameterError("certificate TTL must be positive")
+        now = self.now()
+        ident = replace(
+            base,
+            logins=tuple(checker.logins()),
+            cluster=self.cluster_name,
+            route_to_cluster=self.cluster_name,
+            route_to_db=route_to_db,
+            route_to_app=route_to_app,
+            kube_cluster=kube_cluster,
+            mfa_verified=mfa_device,
+            expires=now + ttl,
+        )
+        signer = self.signer("user")
+        ssh_cert = tls_cert = ""
+        if ssh_public_key:
+            ssh_cert = signer.sign_ssh_user_cert(
+                ssh_public_key,
+                ident,
+                ttl=ttl,
+                permit_pty=True,
+                permit_port_forwarding=checker.options.port_forwarding,
+                permit_agent_forwarding=checker.options.forward_agent,
+                now=now,
+            )
+        if tls_public_key:
+            tls_cert = signer.sign_tls_cert(tls_public_key, ident, ttl=ttl, now=now)
+        await self.audit.emit(
+            "cert.create",
+            user=by or user.name,
+            identity_user=user.name,
+            roles=list(ident.roles),
+            logins=list(ident.logins),
+            ttl=int(ttl.total_seconds()),
+            cert_type="user",
+        )
+        return UserCerts(ssh_cert, tls_cert, ident, ttl)
+
+    async def issue_host_certs(
+        self,
+        *,
+        host_id: str,
+        node_name: str,
+        system_role: str,
+        ssh_public_key: str = "",
+        tls_public_key: str = "",
+        addresses: Sequence[str] = (),
+        ttl: timedelta = HOST_CERT_TTL,
+        by: str = "",
+    ) -> HostCerts:
+        dns, ips = _split_addresses(
+            [node_name, host_id, f"{host_id}.{self.cluster_name}", "localhost", *addresses]
+        )
+        ips = sorted({*ips, "127.0.0.1", "::1"})
+        principals = tuple(dict.fromkeys([host_id, f"{host_id}.{self.cluster_name}", node_name, *addresses]))
+        now = self.now()
+        ident = Identity(
+            user=host_id,
+            cluster=self.cluster_name,
+            system_role=system_role,
+            host_id=host_id,
+            principals=principals,
+            expires=now + ttl,
+        )
+        signer = self.signer("host")
+        tls_cert = ssh_cert = ""
+        if tls_public_key:
+            tls_cert = signer.sign_tls_cert(
+                tls_public_key, ident, ttl=ttl, now=now, dns_names=dns, ip_addresses=ips
+            )
+        if ssh_public_key:
+            ssh_cert = signer.sign_ssh_host_cert(
+                ssh_public_key,
+                host_id=host_id,
+                node_name=node_name,
+                cluster=self.cluster_name,
+                system_role=system_role,
+                extra_principals=[a for a in addresses if a not in principals],
+                ttl=ttl,
+                now=now,
+            )
+        await self.audit.emit(
+            "cert.create",
+            user=by or host_id,
+            cert_type="host",
+            host_id=host_id,
+            role=system_role,
+            principals=list(principals),
+        )
+        return HostCerts(tls_cert, ssh_cert, host_id, ident)
+
+    async def join(
+        self,
+        token: str,
+        *,
+        system_role: str,
+        node_name: str,
+        host_id: str = "",
+        ssh_public_key: str = "",
+        tls_public_key: str = "",
+        addresses: Sequence[str] = (),
+        remote_addr: str = "",
+    ) -> HostCerts:
+        """Exchange a join token for host certificates."""
+        await self.tokens.validate(token, system_role, host=node_name, remote_addr=remote_addr)
+        host_id = host_id or secrets.token_hex(8)
+        certs = await self.issue_host_certs(
+            host_id=host_id,
+            node_name=node_name,
+            system_role=system_role,
+            ssh_public_key=ssh_public_key,
+            tls_public_key=tls_public_key,
+            addresses=addresses,
+            by=node_name,
+        )
+        await self.audit.emit(
+            "join", user=node_name, host_id=host_id, role=system_role, remote_addr=remote_addr
+        )
+        return certs
+
+    async def sign_for(
+        self,
+        caller: Identity,
+        *,
+        user: str,
+        ssh_public_key: str = "",
+        tls_public_key: str = "",
+        ttl: timedelta | None = None,
+    ) -> UserCerts:
+        """`wardctl auth sign --user`: an identity for a bot, by an admin or editor."""
+        self.authorize(caller, "user", "update")
+        target = await self.users.get(user)
+        return await self.issue_user_certs(
+            target, ssh_public_key=ssh_public_key, tls_public_key=tls_public_key, ttl=ttl, by=caller.user
+        )
+
+    async def sign_host(
+        self,
+        caller: Identity,
+        *,
+        host_id: str,
+        node_name: str,
+        ssh_public_key: str = "",
+        tls_public_key: str = "",
+        addresses: Sequence[str] = (),
+        ttl: timedelta = HOST_CERT_TTL,
+        system_role: str = "node",
+    ) -> HostCerts:
+        """`wardctl auth sign --host`: host certs for an OpenSSH (agentless) server."""
+        self.authorize(caller, "cert_authority", "create")
+        return await self.issue_host_certs(
+            host_id=host_id,
+            node_name=node_name,
+            system_role=system_role,
+            ssh_public_key=ssh_public_key,
+            tls_public_key=tls_public_key,
+            addresses=addresses,
+            ttl=ttl,
+            by=caller.user,
+        )
+
+    # ------------------------------------------------------------------ users, tokens, locks
+
+    async def create_user(
+        self, caller: Identity, name: str, *, roles: Sequence[str], traits: dict[str, list[str]]
+    ) -> tuple[User, Invite]:
+        self.authorize(caller, "user", "create")
+        missing = [r for r in roles if r not in BUILTIN_ROLES and self.cache.get("role", r) is None]
+        if missing:
+            raise BadParameterError(
+                f"role(s) {', '.join(missing)} do not exist: create them first or fix the name"
+            )
+        if not roles:
+            raise BadParameterError("a user needs at least one role (e.g. --roles=access)")
+        return await self.users.create(name, roles=list(roles), traits=traits, created_by=caller.user)
+
+    async def reset_user(self, caller: Identity, name: str) -> Invite:
+        self.authorize(caller, "user", "update")
+        return await self.users.reset(name, by=caller.user)
+
+    async def create_token(
+        self, caller: Identity, roles: Sequence[str], ttl: timedelta
+    ) -> tuple[str, Resource]:
+        self.authorize(caller, "token", "create")
+        return await self.tokens.create(roles, ttl, by=caller.user)
+
+    async def create_lock(
+        self, caller: Identity, target: LockTarget, *, ttl: timedelta | None, message: str
+    ) -> Lock:
+        self.authorize(caller, "lock", "create")
+        now = self.now()
+        name = secrets.token_hex(8)
+        lock = Lock.new(
+            name,
+            LockSpec(target=target, message=message, created_by=caller.user, created=now),
+            expires=now + ttl if ttl else None,
+        )
+        lock = await self.store.create(lock)
+        self.cache.apply(
+            ResourceEvent(ResourceEventType.PUT, "lock", name, lock.metadata.revision or 0, lock)
+        )
+        await self.audit.emit(
+            "lock.create",
+            user=caller.user,
+            name=name,
+            target=target.model_dump(exclude_defaults=True),
+            message=message,
+            expires=lock.metadata.expires.isoformat() if lock.metadata.expires else None,
+        )
+        return lock
+
+    # ------------------------------------------------------------------ generic resources
+
+    async def get_resource(self, caller: Identity, kind: str, name: str) -> Resource:
+        kind = resolve_kind(kind)
+        self.authorize(caller, kind, "read")
+        if kind == "role" and name in BUILTIN_ROLES and await self.store.find("role", name) is None:
+            return BUILTIN_ROLES[name]
+        return (await self.store.get(kind, name)).without_secrets()
+
+    async def list_resources(self, caller: Identity, kind: str) -> list[Resource]:
+        kind = resolve_kind(kind)
+        self.authorize(caller, kind, "list")
+        items = [r.without_secrets() for r in await self.store.list(kind)]
+        if kind == "role":
+            stored = {r.name for r in items}
+            items += [r for n, r in BUILTIN_ROLES.items() if n not in stored]
+            items.sort(key=lambda r: r.name)
+        return items
+
+    async def put_resource(self, caller: Identity, res: Resource, *, force: bool = False) -> Resource:
+        """Create (or with force, overwrite) a resource from YAML."""
+        kind = res.kind
+        if kind in ("cert_authority",):
+            raise BadParameterError("certificate authorities are managed by the auth service, not by create")
+        exists = await self.store.find(kind, res.name) is not None
+        verb = "update" if exists else "create"
+        self.authorize(caller, kind, verb)
+        if exists and not force:
+            raise AlreadyExistsError(f'{kind} "{res.name}" already exists: use --force to overwrite')
+        if kind == "user":
+            self._check_roles_exist(res.spec.roles)  # type: ignore[attr-defined]
+        if kind == "role":
+            problems = role_problems(res)  # type: ignore[arg-type]
+            if problems:
+                raise BadParameterError(f'role "{res.name}" is invalid: ' + "; ".join(problems))
+        if kind == "token":
+            raise BadParameterError(
+                "create tokens with `wardctl tokens add` so the secret is generated for you"
+            )
+        res = res.model_copy(deep=True)
+        res.metadata.revision = None
+        try:
+            out = await (self.store.put(res) if exists else self.store.create(res))
+        except Exception as exc:
+            await self.audit.emit(
+                f"{_event_kind(kind)}.{verb}",
+                user=caller.user,
+                success=False,
+                name=res.name,
+                kind=kind,
+                error=str(exc),
+            )
+            raise
+        self.cache.apply(
+            ResourceEvent(ResourceEventType.PUT, kind, out.name, out.metadata.revision or 0, out)
+        )
+        await self.audit.emit(f"{_event_kind(kind)}.{verb}", user=caller.user, name=res.name, kind=kind)
+        return out.without_secrets()
+
+    def _check_roles_exist(self, roles: Sequence[str]) -> None:
+        missing = [r for r in roles if r not in BUILTIN_ROLES and self.cache.get("role", r) is None]
+        if missing:
+            raise BadParameterError(f"role(s) {', '.join(missing)} do not exist")
+
+    async def delete_resource(self, caller: Identity, kind: str, name: str) -> None:
+        kind = resolve_kind(kind)
+        self.authorize(caller, kind, "delete")
+        if kind == "cert_authority":
+            raise BadParameterError("certificate authorities cannot be deleted (rotation arrives later)")
+        if kind == "user":
+            await self.users.delete(name, by=caller.user)
+        elif kind == "token":
+            await self.tokens.delete(name, by=caller.user)
+        else:
+            await self.store.delete(kind, name)
+            await self.audit.emit(f"{_event_kind(kind)}.delete", user=caller.user, name=name, kind=kind)
+        self.cache.apply(ResourceEvent(ResourceEventType.DELETE, kind, name, 1 << 62))
+
+    async def upsert_node(self, caller: Identity, node: Node) -> Node:
+        """Heartbeat: a node registers or renews itself (expiring unless renewed)."""
+        self.authorize(caller, "node", "update")
+        if caller.system_role == "node" and caller.host_id != node.name:
+            raise AccessDeniedError("a node may only heartbeat itself")
+        node = node.model_copy(deep=True)
+        node.metadata.revision = None
+        return await self.store.put(node)
+
+    # ------------------------------------------------------------------ explain and audit
+
+    def explain_node_access(self, caller: Identity, user: str, node_name: str, login: str) -> AccessDecision:
+        self.authorize(caller, "role", "read")
+        u = self.cache.get("user", user)
+        if u is None:
+            raise NotFoundError(f'user "{user}" not found')
+        node = self.cache.get("node", node_name)
+        if node is None:
+            raise NotFoundError(f'node "{node_name}" not found: `wardctl get nodes` lists them')
+        ident = Identity(user=user, roles=tuple(u.spec.roles), traits=dict(u.spec.traits))  # type: ignore[attr-defined]
+        lock = find_lock(
+            self.cache.list("lock"),
+            user=user,
+            roles=ident.roles,
+            node=node_name,
+            login=login,
+            now=self.now(),  # type: ignore[arg-type]
+        )
+        if lock is not None:
+            return lock_decision(lock)
+        if isinstance(u, User) and u.spec.status.locked_until and u.spec.status.locked_until > self.now():
+            return AccessDecision(
+                False,
+                f"user {user} is locked until {u.spec.status.locked_until:%Y-%m-%d %H:%M UTC}",
+                locked=True,
+            )
+        return self.checker_for(ident).check_node(node, login, node_name=node_name)  # type: ignore[arg-type]
+
+    async def emit_event(self, caller: Identity, event: dict[str, Any]) -> None:
+        self.authorize(caller, "event", "create")
+        await self.audit.write(event)
+
+    async def search_events(self, caller: Identity, **query: Any) -> tuple[list[dict], str | None]:
+        self.authorize(caller, "event", "list")
+        return await self.audit.search(**query)
+
+    @asynccontextmanager
+    async def watch(
+        self, caller: Identity, kinds: Sequence[str]
+    ) -> AsyncIterator[AsyncIterator[ResourceEvent]]:
+        kinds = [resolve_kind(k) for k in kinds]
+        for k in kinds:
+            self.authorize(caller, k, "list")
+        async with self.store.watch(kinds) as events:
+
+            async def stripped() -> AsyncIterator[ResourceEvent]:
+                async for ev in events:
+                    if ev.resource is not None:
+                        ev = replace(ev, resource=ev.resource.without_secrets())
+                    yield ev
+
+            yield stripped()
+
+
+def _event_kind(kind: str) -> str:
+    return kind if kind in ("user", "role", "lock", "token") else "resource"
+
+
+def _split_addresses(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    dns, ips = [], []
+    for item in items:
+        host = item.rsplit(":", 1)[0] if item.count(":") == 1 else item
+        host = host.strip("[]")
+        if not host:
+            continue
+        try:
+            ips.append(str(ipaddress.ip_address(host)))
+        except ValueError:
+            dns.append(host)
+    return sorted(set(dns)), sorted(set(ips))
+
+
+__all__ = ["ADMIN_USER", "AuthServer", "AuthServerConfig", "HostCerts", "Role", "UserCerts"]

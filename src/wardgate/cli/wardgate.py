@@ -1,0 +1,64 @@
+"""`wardgate`: the daemon."""
+
+from __future__ import annotations
+
+import click
+
+from wardgate import __version__
+from wardgate.cli.output import console, guarded
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wardgate")
+def main() -> None:
+    """Wardgate: identity-aware access to SSH, Kubernetes, apps, databases and desktops."""
+
+
+@main.command()
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Config file (wardgate.yaml). Without it, the embedded defaults run.",
+)
+@click.option("--data-dir", help="Where state lives (default ./wardgate-data, or the config's data_dir).")
+@click.option("-d", "--debug", is_flag=True, help="Verbose logging.")
+@guarded
+def start(config_path: str | None, data_dir: str | None, debug: bool) -> None:
+    """Start the services the config enables (embedded default: auth on 127.0.0.1:3025)."""
+    from wardgate import runtime
+    from wardgate.config import default_config, load_config
+    from wardgate.service.process import Started, WardgateProcess
+
+    cfg = load_config(config_path) if config_path else default_config(data_dir)
+    if data_dir and config_path:
+        cfg.wardgate.data_dir = data_dir
+    runtime.setup_logging("debug" if debug else cfg.wardgate.log.severity, cfg.wardgate.log.format)
+
+    def started(s: Started) -> None:
+        ident = s.admin_identity
+        console.print(f"[bold]Wardgate {__version__}[/] cluster [bold]{s.cluster_name}[/] is up.")
+        console.print(f"  auth API      https://{s.auth_addr}")
+        console.print(f"  data dir      {cfg.wardgate.data_dir}")
+        console.print(f"  CA pin        {s.ca_pin}")
+        console.print(f"  admin ident.  {ident}  (wardctl finds it via --data-dir or -i)")
+        if s.first_start:
+            dd = f" --data-dir {cfg.wardgate.data_dir}" if cfg.wardgate.data_dir != "./wardgate-data" else ""
+            console.print("\nCreate the first user (it prints an invitation to register):")
+            console.print(f"  wardctl{dd} users add alice --roles=editor,access --logins=root")
+        console.print("Press Ctrl-C to stop.")
+
+    runtime.run(WardgateProcess(cfg).run_forever(started))
+
+
+@main.command()
+def configure() -> None:
+    """Print a commented sample wardgate.yaml (redirect it to a file and edit)."""
+    from wardgate.config import SAMPLE_CONFIG
+
+    click.echo(SAMPLE_CONFIG.rstrip())
+
+
+if __name__ == "__main__":
+    main()
