@@ -12,7 +12,6 @@ from wardgate.api.resources import LockTarget, Role, RoleConditions, RoleOptions
 from wardgate.auth import totp
 from wardgate.auth.certs import verify_ssh_user_cert, verify_tls_identity
 from wardgate.auth.identity import Identity
-from wardgate.auth.keys import generate_ssh_key, generate_tls_key, public_key_pem, ssh_public_key_line
 from wardgate.auth.server import AuthServer
 from wardgate.errors import (
     AccessDeniedError,
@@ -21,6 +20,7 @@ from wardgate.errors import (
     BadParameterError,
     LockedError,
 )
+from wardgate.keys import generate_ssh_key, generate_tls_key, public_key_pem, ssh_public_key_line
 
 PASSWORD = "correct horse battery"
 

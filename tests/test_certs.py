@@ -43,7 +43,8 @@ from wardgate.auth.certs import (
     verify_tls_identity,
 )
 from wardgate.auth.identity import Identity, RouteToApp, RouteToDatabase
-from wardgate.auth.keys import (
+from wardgate.errors import AuthenticationError, BadParameterError
+from wardgate.keys import (
     generate_ssh_key,
     generate_tls_key,
     load_private_key,
@@ -56,7 +57,6 @@ from wardgate.auth.keys import (
     ssh_public_key_line,
     tls_ca_pin,
 )
-from wardgate.errors import AuthenticationError, BadParameterError
 
 SSH_KEYGEN = "/usr/bin/ssh-keygen"
 CLUSTER = "example.com"

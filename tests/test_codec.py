@@ -137,8 +137,12 @@ SAMPLES: dict[str, Resource] = {
     ),
     "lock": Lock.new(
         "lock-1",
-        LockSpec(target=LockTarget(user="mallory", login="root"), message="incident 42", created_by="bob",
-                 created=WHEN),
+        LockSpec(
+            target=LockTarget(user="mallory", login="root"),
+            message="incident 42",
+            created_by="bob",
+            created=WHEN,
+        ),
     ),
 }
 
@@ -176,8 +180,11 @@ def test_yaml_keeps_model_order_and_shows_every_option() -> None:
     text = dump_yaml(SAMPLES["role"])
     top = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith(" ")]
     assert top == ["kind", "version", "metadata", "spec"]
-    spec_keys = [line.strip().split(":")[0] for line in text.splitlines() if line.startswith("  ") and
-                 not line.startswith("   ") and text.index("spec:") < text.index(line)]
+    spec_keys = [
+        line.strip().split(":")[0]
+        for line in text.splitlines()
+        if line.startswith("  ") and not line.startswith("   ") and text.index("spec:") < text.index(line)
+    ]
     assert spec_keys[:3] == ["options", "allow", "deny"]
     for field in RoleOptions.model_fields:
         assert f"    {field}:" in text

@@ -11,24 +11,13 @@ from typing import Any
 
 import aiohttp
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from wardgate.api.codec import resource_from_dict, resource_to_dict
 from wardgate.api.events import ResourceEvent, ResourceEventType
 from wardgate.api.identityfile import IdentityFile, server_trusting_context
 from wardgate.api.resources import Resource, resolve_kind
 from wardgate.errors import ERRORS_BY_CODE, AuthenticationError, BadParameterError, WardgateError
-
-
-def _spki_pin(cert: x509.Certificate) -> str:
-    import hashlib
-
-    from cryptography.hazmat.primitives import serialization
-
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return "sha256:" + hashlib.sha256(spki).hexdigest()
+from wardgate.keys import tls_ca_pin
 
 
 class ConnectionFailed(WardgateError):
@@ -75,7 +64,7 @@ class AuthClient:
             ping = await c.ping()
         pems: list[str] = ping.get("host_ca_pems") or []
         cas = [x509.load_pem_x509_certificate(p.encode()) for p in pems]
-        if ca_pin and not any(_spki_pin(ca) == ca_pin.strip() for ca in cas):
+        if ca_pin and not any(tls_ca_pin(ca) == ca_pin.strip() for ca in cas):
             raise AuthenticationError(
                 "the server's CA does not match --ca-pin: you may be talking to an impostor; "
                 "check the pin with `wardctl status` on the auth server"
@@ -290,7 +279,3 @@ def _ssl_hint(addr: str, exc: Exception) -> str:
     if "unknown ca" in text or "certificate verify failed" in text or "bad certificate" in text:
         return f"TLS with {addr} failed ({text}): not a certificate of this cluster, or a wrong pin"
     return f"TLS with {addr} failed: {text}"
-
-
-def new_tls_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())

@@ -317,13 +317,15 @@ def _clean(err: dict[str, Any], model_cls: type[BaseModel] | None, path: Loc) ->
     if typ == "extra_forbidden":
         names = _field_names_at(model_cls, path[:-1]) if model_cls is not None and path else []
         close = difflib.get_close_matches(str(path[-1]), names, n=1, cutoff=0.6) if path else []
-        return f"unknown field (check the spelling; did you mean {close[0]!r}?)" if close else (
-            "unknown field (check the spelling)"
+        return (
+            f"unknown field (check the spelling; did you mean {close[0]!r}?)"
+            if close
+            else ("unknown field (check the spelling)")
         )
     msg = str(err.get("msg", "invalid value"))
     for p in _PREFIXES:
         if msg.startswith(p):
-            msg = msg[len(p):]
+            msg = msg[len(p) :]
     if typ in ("model_type", "model_attributes_type", "dict_type"):
         got = _got(err.get("input"))
         return f"expected a mapping of fields (key: value), got {got or 'something else'}"
@@ -354,7 +356,7 @@ def from_validation_error(
                 msgs.append(m)
         lead = "Input should be "
         if len(msgs) > 1 and all(m.startswith(lead) for m in msgs):
-            msg = lead + " or ".join(m[len(lead):] for m in msgs)
+            msg = lead + " or ".join(m[len(lead) :] for m in msgs)
         else:
             msg = "; ".join(msgs)
         first = errs[0]
@@ -379,16 +381,12 @@ def from_validation_error(
     return head
 
 
-def validate_data(
-    model_cls: type[M], data: Any, source: str = "<input>", lines: LineMap | None = None
-) -> M:
+def validate_data(model_cls: type[M], data: Any, source: str = "<input>", lines: LineMap | None = None) -> M:
     """model_validate with errors turned into ParseError (lines when a LineMap is given)."""
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
-        raise from_validation_error(
-            exc, source=source, data=data, lines=lines, model_cls=model_cls
-        ) from None
+        raise from_validation_error(exc, source=source, data=data, lines=lines, model_cls=model_cls) from None
 
 
 def validate_yaml(model_cls: type[M], text: str | bytes, source: str = "<input>") -> M:
@@ -430,7 +428,9 @@ def _resource(data: Any, source: str, lines: LineMap | None) -> Resource:
         canonical = resolve_kind(kind)
     except ValueError as exc:
         raise ParseError(
-            str(exc), source=source, line=lines.line_for(("kind",)) if lines is not None else None,
+            str(exc),
+            source=source,
+            line=lines.line_for(("kind",)) if lines is not None else None,
             field="kind",
         ) from None
     if canonical != kind:

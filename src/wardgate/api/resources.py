@@ -46,9 +46,7 @@ class Metadata(Model):
     @classmethod
     def _name(cls, v: str) -> str:
         if not NAME_RE.match(v):
-            raise ValueError(
-                "must start with a letter or digit and hold only letters, digits and . _ @ + -"
-            )
+            raise ValueError("must start with a letter or digit and hold only letters, digits and . _ @ + -")
         return v
 
     @field_validator("labels")
@@ -197,6 +195,7 @@ class User(Resource):
 
 # ---------------------------------------------------------------- tokens
 
+
 class TokenSpec(Model):
     roles: list[SystemRole]
     token_hash: str = ""
@@ -266,6 +265,7 @@ class CertAuthority(Resource):
 
 # ---------------------------------------------------------------- nodes
 
+
 class CommandLabel(Model):
     name: str
     command: list[str]
@@ -297,6 +297,7 @@ class Node(Resource):
 
 
 # ---------------------------------------------------------------- locks
+
 
 class LockTarget(Model):
     user: str = ""
@@ -330,9 +331,7 @@ class Lock(Resource):
 
 # ---------------------------------------------------------------- registry
 
-KINDS: dict[str, type[Resource]] = {
-    cls.KIND: cls for cls in (Role, User, Token, CertAuthority, Node, Lock)
-}
+KINDS: dict[str, type[Resource]] = {cls.KIND: cls for cls in (Role, User, Token, CertAuthority, Node, Lock)}
 KIND_ALIASES = {
     "roles": "role",
     "users": "user",

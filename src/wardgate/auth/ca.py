@@ -40,7 +40,8 @@ from wardgate.auth.certs import (
     identity_to_json,
 )
 from wardgate.auth.identity import Identity
-from wardgate.auth.keys import (
+from wardgate.errors import BadParameterError
+from wardgate.keys import (
     SSHPrivateKey,
     SSHPublicKey,
     generate_ssh_key,
@@ -53,7 +54,6 @@ from wardgate.auth.keys import (
     public_key_pem,
     ssh_public_key_line,
 )
-from wardgate.errors import BadParameterError
 
 CA_TYPES: tuple[str, ...] = get_args(CAType)
 CA_VALIDITY = timedelta(days=3650)

@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives.serialization import ssh
 
 from wardgate.api.resources import SYSTEM_ROLES
 from wardgate.auth.identity import Identity
-from wardgate.auth.keys import load_ssh_public_key, load_x509
 from wardgate.errors import AuthenticationError, BadParameterError
+from wardgate.keys import load_ssh_public_key, load_x509
 
 __all__ = [
     "EXT_CLUSTER",

@@ -37,7 +37,6 @@ from wardgate.audit.store import SQLiteAuditLog
 from wardgate.auth.ca import CertSigner, new_cert_authority
 from wardgate.auth.certs import verify_tls_identity
 from wardgate.auth.identity import Identity, RouteToApp, RouteToDatabase
-from wardgate.auth.keys import load_x509_pem_list, ssh_fingerprint, tls_ca_pin
 from wardgate.auth.locks import find_lock, lock_decision
 from wardgate.auth.rbac import BUILTIN_ROLES, AccessChecker, AccessDecision, role_problems
 from wardgate.auth.storage import ResourceStore
@@ -51,6 +50,7 @@ from wardgate.errors import (
     BadParameterError,
     NotFoundError,
 )
+from wardgate.keys import load_x509_pem_list, ssh_fingerprint, tls_ca_pin
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,7 @@ class AuthServer:
                 node_name=node_name,
                 cluster=self.cluster_name,
                 system_role=system_role,
-                extra_principals=[a for a in addresses if a not in principals],
+                extra_principals=list(addresses),
                 ttl=ttl,
                 now=now,
             )

@@ -479,7 +479,7 @@ def auth_export(c: Ctx, ca_type: str) -> None:
 @guarded
 def auth_sign(c: Ctx, user: str | None, host: str | None, principals: str, out: str, ttl: str) -> None:
     """Issue credentials: an identity file for a bot, or host keys+cert for OpenSSH."""
-    from wardgate.auth.keys import (
+    from wardgate.keys import (
         generate_ssh_key,
         generate_tls_key,
         private_key_pem,

@@ -18,11 +18,11 @@ from pathlib import Path
 from wardgate.api.identityfile import IdentityFile
 from wardgate.audit.store import SQLiteAuditLog
 from wardgate.auth.api import AuthAPI
-from wardgate.auth.keys import generate_tls_key, private_key_pem, public_key_pem
 from wardgate.auth.server import ADMIN_CERT_TTL, ADMIN_USER, AuthServer, AuthServerConfig
 from wardgate.auth.users import AuthPreference
 from wardgate.backend.sqlite import SQLiteBackend
 from wardgate.config import Config, parse_addr
+from wardgate.keys import generate_tls_key, private_key_pem, public_key_pem
 
 log = logging.getLogger(__name__)
 ADMIN_IDENTITY = "admin.identity"

@@ -147,3 +147,10 @@ def load_x509_pem_list(pem: str | bytes) -> list[x509.Certificate]:
         return x509.load_pem_x509_certificates(raw)
     except (ValueError, TypeError) as e:
         raise BadParameterError(f"not a PEM bundle of X.509 certificates: {e}") from None
+
+
+def ssh_private_key_openssh(key: PrivateKeyTypes) -> str:
+    """OpenSSH's own private key format, which sshd's HostKey and ssh's -i read."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    ).decode()
