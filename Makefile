@@ -14,6 +14,7 @@ deps: venv
 venv: $(BIN)/.installed
 
 $(BIN)/.installed: pyproject.toml
+	@bash scripts/install-system-deps.sh --python-only
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

@@ -2,7 +2,10 @@
 # Installs the Debian packages the test suite drives (real clients and servers), only if missing.
 set -euo pipefail
 need=()
-for pair in ssh-keygen:openssh-client sshd:openssh-server; do
+# A fresh Debian/Ubuntu has python3 but not always venv/pip support.
+python3 -c "import ensurepip, venv" 2>/dev/null || need+=(python3-venv)
+[ "${1:-}" = "--python-only" ] && pairs="" || pairs="ssh-keygen:openssh-client sshd:openssh-server"
+for pair in $pairs; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done

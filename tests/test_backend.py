@@ -487,3 +487,13 @@ async def test_open_backend_sqlite(tmp_path: Path) -> None:
     await b.put("/x", b"1")
     await b.close()
     assert (tmp_path / "o.db").exists()
+
+
+async def test_sqlite_file_is_private(tmp_path: Path) -> None:
+    """It holds CA private keys and password hashes."""
+    b = _sqlite(tmp_path / "private.db")
+    try:
+        await b.put("/k", b"v")
+        assert (tmp_path / "private.db").stat().st_mode & 0o077 == 0
+    finally:
+        await b.close()

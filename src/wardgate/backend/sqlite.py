@@ -116,7 +116,7 @@ class SQLiteBackend(Backend):
         self._closed = False
         try:
             self._executor.submit(self._open).result()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             self._executor.shutdown(wait=False)
             raise WardgateError(f"cannot open the sqlite backend at {self.path}: {exc}") from exc
         except BaseException:
@@ -126,6 +126,10 @@ class SQLiteBackend(Backend):
     # ---- worker thread side: everything below touching self._conn runs on the worker only
 
     def _open(self) -> None:
+        if str(self.path) != ":memory:":
+            # The backend holds CA private keys and password hashes: private to the service's
+            # account (SQLite gives the -wal/-shm files the same mode).
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

@@ -15,7 +15,8 @@ from rich.table import Table, box
 from wardgate.errors import WardgateError
 
 FORMATS = click.Choice(["text", "json", "yaml"])
-console = Console(highlight=False, soft_wrap=True)
+# Piped output is read by scripts and grep: never wrap it at 80 columns.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 4000)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

@@ -39,6 +39,10 @@ def start(config_path: str | None, data_dir: str | None, debug: bool) -> None:
     def started(s: Started) -> None:
         ident = s.admin_identity
         console.print(f"[bold]Wardgate {__version__}[/] cluster [bold]{s.cluster_name}[/] is up.")
+        console.print(f"  services      {', '.join(x.removesuffix('_service') for x in s.services)}")
+        if s.unavailable:
+            names = ", ".join(x.removesuffix("_service") for x in s.unavailable)
+            console.print(f"  not yet built {names} (enabled in config, skipped)")
         console.print(f"  auth API      https://{s.auth_addr}")
         console.print(f"  data dir      {cfg.wardgate.data_dir}")
         console.print(f"  CA pin        {s.ca_pin}")

@@ -26,6 +26,8 @@ from wardgate.keys import generate_tls_key, private_key_pem, public_key_pem
 
 log = logging.getLogger(__name__)
 ADMIN_IDENTITY = "admin.identity"
+BUILT_SERVICES = ("auth_service",)
+"""Services this build can run; the others are accepted in config and reported as not yet available."""
 RENEW_EVERY = timedelta(hours=12)
 
 
@@ -36,6 +38,8 @@ class Started:
     cluster_name: str
     ca_pin: str
     first_start: bool
+    services: list[str]
+    unavailable: list[str]
 
 
 class WardgateProcess:
@@ -50,6 +54,9 @@ class WardgateProcess:
     async def start(self) -> Started:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cfg = self.cfg
+        unavailable = [s for s in cfg.enabled_services() if s not in BUILT_SERVICES]
+        for name in unavailable:
+            log.warning("%s is enabled in the config but is not part of this build yet; skipping it", name)
         if not cfg.auth_service.enabled:
             raise SystemExit(
                 "auth_service is disabled: this build runs services only beside the auth service; "
@@ -102,7 +109,10 @@ class WardgateProcess:
         await self._write_admin_identity(ident_path, auth_addr)
         self._tasks.append(asyncio.create_task(self._renew_admin(ident_path, auth_addr)))
         status = self.auth.status()
-        return Started(auth_addr, ident_path, cfg.cluster_name, status["ca_pin"], first_start)
+        running = [s for s in cfg.enabled_services() if s in BUILT_SERVICES]
+        return Started(
+            auth_addr, ident_path, cfg.cluster_name, status["ca_pin"], first_start, running, unavailable
+        )
 
     async def _write_admin_identity(self, path: Path, auth_addr: str) -> None:
         assert self.auth is not None
