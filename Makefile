@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 lint: venv
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests $(wildcard bench scripts)
 
 run: venv
 	$(BIN)/wardgate start
