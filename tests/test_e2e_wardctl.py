@@ -312,3 +312,30 @@ def test_garbage_on_the_auth_port_leaves_it_serving(cluster: Cluster) -> None:
     assert "client certificate" in json.load(refused.value)["error"]["message"]
     assert "e2e.example" in wardctl(cluster.data_dir, "status").stdout
     assert cluster.proc.poll() is None
+
+
+async def test_join_over_the_api_with_good_and_bad_tokens(cluster: Cluster) -> None:
+    from wardgate.api.client import AuthClient
+    from wardgate.api.identityfile import server_trusting_context
+    from wardgate.errors import AccessDeniedError
+    from wardgate.keys import generate_tls_key, public_key_pem
+
+    pin = json.loads(wardctl(cluster.data_dir, "status", "--format", "json").stdout)["ca_pin"]
+    pems = await AuthClient.discover_trust(cluster.addr, ca_pin=pin)
+    key = public_key_pem(generate_tls_key().public_key())
+    async with AuthClient(cluster.addr, server_trusting_context(pems)) as c:
+        joined = await c.join(
+            token="static-token-for-e2e-tests", role="node", node_name="edge1", tls_public_key=key
+        )
+        assert joined["host_id"] and "BEGIN CERTIFICATE" in joined["tls_cert"]
+        with pytest.raises(AccessDeniedError, match="not valid or has expired"):
+            await c.join(token="guessed-token", role="node", node_name="edge2", tls_public_key=key)
+        with pytest.raises(AccessDeniedError, match="allows node, not db"):
+            await c.join(token="static-token-for-e2e-tests", role="db", node_name="edge3", tls_public_key=key)
+    events = json.loads(
+        wardctl(cluster.data_dir, "audit", "search", "--type", "join", "--format", "json").stdout
+    )
+    assert any(e["success"] and e["user"] == "edge1" for e in events)
+    refused = [e for e in events if not e["success"]]
+    assert {e["host"] for e in refused} >= {"edge2", "edge3"}
+    assert all(e["remote_addr"] == "127.0.0.1" for e in refused)
