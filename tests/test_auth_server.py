@@ -194,3 +194,21 @@ async def test_resources_create_conflict_force_and_secrets_stripped(auth: AuthSe
     assert all(not k.ssh_private_key_pem and not k.tls_private_key_pem for k in ca.spec.active_keys)
     with pytest.raises(BadParameterError, match="do not exist"):
         await auth.create_user(ADMIN, "dave", roles=["nope"], traits={})
+
+
+async def test_visible_nodes_follow_labels_and_logins(auth: AuthServer, clock: FakeClock) -> None:
+    from wardgate.api.resources import Node, NodeSpec
+
+    dev = Role.new(
+        "dev",
+        RoleSpec(
+            allow=RoleConditions(logins=["dev", "root"], node_labels={"env": "dev"}),
+            deny=RoleConditions(logins=["root"]),
+        ),
+    )
+    await auth.put_resource(ADMIN, dev)
+    for name, env in (("web1", "dev"), ("db1", "prod")):
+        await auth.put_resource(ADMIN, Node.new(name, NodeSpec(hostname=name), labels={"env": env}))
+    await register(auth, clock, name="erin", roles=("dev",))
+    seen = auth.visible_nodes(Identity(user="erin", roles=("dev",)))
+    assert [(n.name, logins) for n, logins in seen] == [("web1", ["dev"])]

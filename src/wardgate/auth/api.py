@@ -128,6 +128,7 @@ class AuthAPI:
         r.add_post("/v1/certs/user", self.sign_user)
         r.add_post("/v1/certs/host", self.sign_host)
         r.add_post("/v1/nodes/heartbeat", self.heartbeat)
+        r.add_get("/v1/nodes/visible", self.visible_nodes)
         r.add_post("/v1/access/explain", self.explain)
         r.add_post("/v1/events", self.emit_events)
         r.add_get("/v1/events", self.search_events)
@@ -265,6 +266,16 @@ class AuthAPI:
         )
         return web.json_response({"user": user.name, "roles": user.spec.roles})
 
+    def _client_addr(self, request: web.Request, body: dict[str, Any]) -> str:
+        """The user's address: the proxy's word for it when the proxy forwards the request."""
+        try:
+            caller = self._identity(request)
+        except (AuthenticationError, WardgateError):
+            caller = None
+        if caller is not None and caller.system_role == "proxy" and body.get("client_addr"):
+            return str(body["client_addr"])
+        return request.remote or ""
+
     async def login(self, request: web.Request) -> web.Response:
         d = await self._body(request)
         certs = await self.auth.login(
@@ -274,7 +285,7 @@ class AuthAPI:
             ssh_public_key=str(d.get("ssh_public_key", "")),
             tls_public_key=str(d.get("tls_public_key", "")),
             ttl=self._ttl(d),
-            remote_addr=request.remote or "",
+            remote_addr=self._client_addr(request, d),
         )
         return web.json_response(_user_certs_json(certs, self.auth))
 
@@ -415,6 +426,25 @@ class AuthAPI:
         res = resource_from_dict(d.get("resource") or {}, source="heartbeat")
         out = await self.auth.upsert_node(request["identity"], res)  # type: ignore[arg-type]
         return web.json_response(resource_to_dict(out))
+
+    async def visible_nodes(self, request: web.Request) -> web.Response:
+        nodes = self.auth.visible_nodes(request["identity"])
+        return web.json_response(
+            {
+                "nodes": [
+                    {
+                        "name": n.name,
+                        "hostname": n.spec.hostname,
+                        "addr": n.spec.addr,
+                        "labels": n.all_labels(),
+                        "logins": logins,
+                        "tunnel": n.spec.tunnel,
+                        "host_id": n.spec.host_id,
+                    }
+                    for n, logins in nodes
+                ]
+            }
+        )
 
     async def explain(self, request: web.Request) -> web.Response:
         d = await self._body(request)

@@ -361,7 +361,17 @@ class AuthServer:
             [node_name, host_id, f"{host_id}.{self.cluster_name}", "localhost", *addresses]
         )
         ips = sorted({*ips, "127.0.0.1", "::1"})
-        principals = tuple(dict.fromkeys([host_id, f"{host_id}.{self.cluster_name}", node_name, *addresses]))
+        principals = tuple(
+            dict.fromkeys(
+                [
+                    host_id,
+                    f"{host_id}.{self.cluster_name}",
+                    node_name,
+                    f"{node_name}.{self.cluster_name}",
+                    *addresses,
+                ]
+            )
+        )
         now = self.now()
         ident = Identity(
             user=host_id,
@@ -384,7 +394,7 @@ class AuthServer:
                 node_name=node_name,
                 cluster=self.cluster_name,
                 system_role=system_role,
-                extra_principals=list(addresses),
+                extra_principals=[f"{node_name}.{self.cluster_name}", *addresses],
                 ttl=ttl,
                 now=now,
             )
@@ -604,6 +614,26 @@ class AuthServer:
         node = node.model_copy(deep=True)
         node.metadata.revision = None
         return await self.store.put(node)
+
+    def visible_nodes(self, caller: Identity) -> list[tuple[Node, list[str]]]:
+        """Nodes the caller's roles let them see, each with the logins allowed there (for `ward ls`)."""
+        if caller.system_role:
+            self.authorize(caller, "node", "list")
+            return [(n, []) for n in self.cache.list("node")]  # type: ignore[misc]
+        self.check_locks(caller)
+        checker = self.checker_for(caller)
+        out = []
+        for node in self.cache.list("node"):
+            if not checker.can_see_node(node):  # type: ignore[arg-type]
+                continue
+            logins = [
+                login
+                for login in checker.logins()
+                if checker.check_node(node, login, node_name=node.name).allowed  # type: ignore[arg-type]
+            ]
+            out.append((node, logins))
+        out.sort(key=lambda pair: pair[0].name)
+        return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ explain and audit
 
