@@ -44,3 +44,5 @@ def setup_logging(severity: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-5s [%(name)s] %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # asyncssh logs every channel at info: one line per tunnelled connection drowns the rest.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING if level > logging.DEBUG else logging.DEBUG)

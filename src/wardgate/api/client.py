@@ -28,16 +28,21 @@ class ConnectionFailed(WardgateError):
 class AuthClient:
     """One HTTPS session to the auth API. Use `async with AuthClient(...) as c:`."""
 
+    peer = "auth server"
+    """What error messages call the other end (subclasses talking to the proxy say so)."""
+    default_port = 3025
+    unreachable_hint = "is wardgate running?"
+
     def __init__(self, addr: str, ssl_context: ssl.SSLContext, *, timeout: float = 30.0) -> None:
         self.addr = addr
-        self.base = f"https://{_host_port(addr)}"
+        self.base = f"https://{_host_port(addr, self.default_port)}"
         self._ssl = ssl_context
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=None)
         self._session: aiohttp.ClientSession | None = None
         self.request_timeout = timeout
 
     @classmethod
-    def from_identity(cls, ident: IdentityFile, addr: str = "") -> AuthClient:
+    def from_identity(cls, ident: IdentityFile, addr: str = "", *, alpn: str = "") -> AuthClient:
         addr = addr or ident.auth_server
         if not addr:
             raise BadParameterError("no auth server address: pass --auth-server HOST:PORT")
@@ -48,11 +53,15 @@ class AuthClient:
                 f"your certificate expired at {expires:%Y-%m-%d %H:%M:%S} UTC: log in again "
                 "(`ward login`) or restart wardgate to renew the admin identity"
             )
-        return cls(addr, ident.client_ssl_context())
+        return cls(addr, ident.client_ssl_context(alpn))
 
     @classmethod
-    async def discover_trust(cls, addr: str, *, ca_pin: str = "", insecure: bool = False) -> list[str]:
-        """First contact: fetch the cluster's host CA, check it against the pin, return its PEMs."""
+    async def discover_trust(
+        cls, addr: str, *, ca_pin: str = "", insecure: bool = False, alpn: str = ""
+    ) -> list[str]:
+        """First contact: fetch the cluster's host CA, check it against the pin, return its PEMs.
+
+        `alpn="ward-auth"` reaches the auth API through a proxy's one port."""
         if not ca_pin and not insecure:
             raise BadParameterError(
                 "pass --ca-pin (from `wardctl status`) to trust this cluster, or --insecure for a dev setup"
@@ -60,17 +69,17 @@ class AuthClient:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE  # pin checked below against the chain the server signed with
+        if alpn:
+            ctx.set_alpn_protocols([alpn])
         async with cls(addr, ctx) as c:
             ping = await c.ping()
         pems: list[str] = ping.get("host_ca_pems") or []
-        cas = [x509.load_pem_x509_certificate(p.encode()) for p in pems]
-        if ca_pin and not any(tls_ca_pin(ca) == ca_pin.strip() for ca in cas):
-            raise AuthenticationError(
-                "the server's CA does not match --ca-pin: you may be talking to an impostor; "
-                "check the pin with `wardctl status` on the auth server"
-            )
+        check_ca_pin(pems, ca_pin)
         # Reconnect verifying against that CA, so the pin binds the TLS session we use next.
-        async with cls(addr, server_trusting_context(pems)) as c:
+        verified = server_trusting_context(pems)
+        if alpn:
+            verified.set_alpn_protocols([alpn])
+        async with cls(addr, verified) as c:
             await c.ping()
         return pems
 
@@ -92,39 +101,62 @@ class AuthClient:
             await self._session.close()
             self._session = None
 
-    async def call(
-        self, method: str, path: str, body: dict[str, Any] | None = None, params: Any = None
-    ) -> dict[str, Any]:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        params: Any = None,
+        data: bytes | None = None,
+    ) -> tuple[int, bytes]:
         try:
             async with self._sess().request(
                 method,
                 self.base + path,
                 json=body,
+                data=data,
                 params=params,
                 timeout=aiohttp.ClientTimeout(total=self.request_timeout),
             ) as resp:
-                text = await resp.text()
-                status = resp.status
+                return resp.status, await resp.read()
         except aiohttp.ClientConnectorCertificateError as exc:
             raise ConnectionFailed(
-                f"cannot verify the auth server at {self.addr}: {exc.certificate_error}"
+                f"cannot verify the {self.peer} at {self.addr}: {exc.certificate_error}"
             ) from None
         except aiohttp.ClientSSLError as exc:
-            raise ConnectionFailed(_ssl_hint(self.addr, exc)) from None
+            raise ConnectionFailed(ssl_hint(self.addr, exc, self.peer)) from None
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise ConnectionFailed(
-                f"cannot reach the auth server at {self.addr} ({exc or type(exc).__name__}): "
-                "is wardgate running?"
+                f"cannot reach the {self.peer} at {self.addr} ({exc or type(exc).__name__}): "
+                f"{self.unreachable_hint}"
             ) from None
+
+    def _raise_for(self, status: int, raw: bytes) -> None:
+        if status < 400:
+            return
         try:
-            data = json.loads(text) if text else {}
-        except json.JSONDecodeError:
+            err = (json.loads(raw) if raw else {}).get("error") or {}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             raise WardgateError(f"unexpected answer from {self.addr} (HTTP {status})") from None
-        if status >= 400:
-            err = data.get("error") or {}
-            cls = ERRORS_BY_CODE.get(err.get("code", ""), WardgateError)
-            raise cls(err.get("message") or f"HTTP {status}")
-        return data
+        cls = ERRORS_BY_CODE.get(err.get("code", ""), WardgateError)
+        raise cls(err.get("message") or f"HTTP {status}")
+
+    async def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, params: Any = None
+    ) -> dict[str, Any]:
+        status, raw = await self._request(method, path, body=body, params=params)
+        self._raise_for(status, raw)
+        try:
+            return json.loads(raw) if raw else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WardgateError(f"unexpected answer from {self.addr} (HTTP {status})") from None
+
+    async def call_bytes(self, method: str, path: str, data: bytes | None = None) -> bytes:
+        """For binary bodies (session recordings)."""
+        status, raw = await self._request(method, path, data=data)
+        self._raise_for(status, raw)
+        return raw
 
     # ---- public calls
 
@@ -199,8 +231,22 @@ class AuthClient:
             await self.call("POST", "/v1/nodes/heartbeat", {"resource": resource_to_dict(res)})
         )
 
+    async def visible_nodes(self) -> list[dict[str, Any]]:
+        """Nodes the caller's roles may see, each with the logins allowed there."""
+        data = await self.call("GET", "/v1/nodes/visible")
+        return list(data.get("nodes") or [])
+
     async def explain(self, user: str, node: str, login: str) -> dict[str, Any]:
         return await self.call("POST", "/v1/access/explain", {"user": user, "node": node, "login": login})
+
+    async def upload_recording(self, sid: str, data: bytes) -> None:
+        await self.call_bytes("PUT", f"/v1/recordings/{sid}", data)
+
+    async def get_recording(self, sid: str) -> bytes:
+        return await self.call_bytes("GET", f"/v1/recordings/{sid}")
+
+    async def list_recordings(self) -> list[dict[str, Any]]:
+        return (await self.call("GET", "/v1/recordings"))["recordings"]
 
     async def emit_events(self, events: Sequence[dict[str, Any]]) -> None:
         await self.call("POST", "/v1/events", {"events": list(events)})
@@ -268,14 +314,26 @@ class AuthClient:
             resp.close()
 
 
-def _host_port(addr: str) -> str:
-    return addr if ":" in addr.rsplit("]", 1)[-1] else f"{addr}:3025"
+def check_ca_pin(ca_pems: Sequence[str], ca_pin: str) -> None:
+    """Refuse CAs that do not match the pin (an empty pin means the caller chose --insecure)."""
+    if not ca_pin:
+        return
+    cas = [x509.load_pem_x509_certificate(p.encode()) for p in ca_pems]
+    if not any(tls_ca_pin(ca) == ca_pin.strip() for ca in cas):
+        raise AuthenticationError(
+            "the server's CA does not match --ca-pin: you may be talking to an impostor; "
+            "check the pin with `wardctl status` on the auth server"
+        )
 
 
-def _ssl_hint(addr: str, exc: Exception) -> str:
+def _host_port(addr: str, default_port: int = 3025) -> str:
+    return addr if ":" in addr.rsplit("]", 1)[-1] else f"{addr}:{default_port}"
+
+
+def ssl_hint(addr: str, exc: Exception, peer: str = "auth server") -> str:
     text = str(exc)
     if "expired" in text:
-        return f"the auth server at {addr} refused our certificate: it has expired; log in again"
+        return f"the {peer} at {addr} refused our certificate: it has expired; log in again"
     if "unknown ca" in text or "certificate verify failed" in text or "bad certificate" in text:
         return f"TLS with {addr} failed ({text}): not a certificate of this cluster, or a wrong pin"
     return f"TLS with {addr} failed: {text}"

@@ -91,9 +91,12 @@ class IdentityFile:
     def certificate(self) -> x509.Certificate:
         return x509.load_pem_x509_certificate(self.cert_pem.encode())
 
-    def client_ssl_context(self) -> ssl.SSLContext:
-        """Mutual TLS towards the auth service: our cert out, only the cluster CA trusted in."""
+    def client_ssl_context(self, alpn: str = "") -> ssl.SSLContext:
+        """Mutual TLS towards the auth service (or, with `alpn`, a proxy route): our cert out,
+        only the cluster CA trusted in."""
         ctx = server_trusting_context(self.ca_pems)
+        if alpn:
+            ctx.set_alpn_protocols([alpn])
         load_key_pair(ctx, self.cert_pem, self.key_pem)
         return ctx
 

@@ -106,7 +106,7 @@ class AuthAPI:
     # ------------------------------------------------------------------ wiring
 
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors, self._authenticate], client_max_size=4 << 20)
+        app = web.Application(middlewares=[self._errors, self._authenticate], client_max_size=512 << 20)
         r = app.router
         r.add_get("/v1/ping", self.ping)
         r.add_post("/v1/join", self.join)
@@ -133,6 +133,9 @@ class AuthAPI:
         r.add_post("/v1/events", self.emit_events)
         r.add_get("/v1/events", self.search_events)
         r.add_get("/v1/watch", self.watch)
+        r.add_get("/v1/recordings", self.list_recordings)
+        r.add_get("/v1/recordings/{sid}", self.get_recording)
+        r.add_put("/v1/recordings/{sid}", self.put_recording)
         return app
 
     def server_ssl_context(self, cert_pem: str, key_pem: str) -> ssl.SSLContext:
@@ -486,6 +489,18 @@ class AuthAPI:
             order=q.get("order", "desc"),
         )
         return web.json_response({"events": events, "cursor": cursor})
+
+    async def put_recording(self, request: web.Request) -> web.Response:
+        data = await request.read()
+        await self.auth.store_recording(request["identity"], request.match_info["sid"], data)
+        return web.json_response({})
+
+    async def get_recording(self, request: web.Request) -> web.Response:
+        data = await self.auth.read_recording(request["identity"], request.match_info["sid"])
+        return web.Response(body=data, content_type="application/gzip")
+
+    async def list_recordings(self, request: web.Request) -> web.Response:
+        return web.json_response({"recordings": await self.auth.list_recordings(request["identity"])})
 
     async def watch(self, request: web.Request) -> web.StreamResponse:
         kinds = [k for k in request.query.get("kinds", "").split(",") if k]

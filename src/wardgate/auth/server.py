@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -115,6 +116,8 @@ class AuthServerConfig:
     cert_ttl: timedelta = timedelta(hours=12)
     static_tokens: Sequence[str] = ()
     public_addr: str = ""
+    recordings_dir: Path | None = None
+    """Where uploaded session recordings (`<sid>.cast.gz`) are kept."""
 
 
 class AuthServer:
@@ -609,8 +612,19 @@ class AuthServer:
     async def upsert_node(self, caller: Identity, node: Node) -> Node:
         """Heartbeat: a node registers or renews itself (expiring unless renewed)."""
         self.authorize(caller, "node", "update")
-        if caller.system_role == "node" and caller.host_id != node.name:
+        if caller.system_role == "node" and caller.host_id != node.spec.host_id:
             raise AccessDeniedError("a node may only heartbeat itself")
+        existing = self.cache.get("node", node.name)
+        if (
+            isinstance(existing, Node)
+            and existing.spec.host_id
+            and existing.spec.host_id != node.spec.host_id
+            and not existing.is_expired(self.now())
+        ):
+            raise AlreadyExistsError(
+                f'another node named "{node.name}" is registered (host id {existing.spec.host_id}): '
+                "give this one a different nodename"
+            )
         node = node.model_copy(deep=True)
         node.metadata.revision = None
         return await self.store.put(node)

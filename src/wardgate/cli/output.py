@@ -32,6 +32,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, empty: str =
     console.print(t)
 
 
+def details(pairs: Sequence[tuple[str, Any]]) -> None:
+    """Aligned `Key: value` lines, for one record (a profile, a status)."""
+    width = max((len(k) for k, _ in pairs), default=0) + 1
+    for key, value in pairs:
+        console.print(f"{key + ':':<{width}} {'' if value is None else value}", markup=False)
+
+
 def dump(data: Any, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(data, indent=2, default=str))

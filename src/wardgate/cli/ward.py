@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import getpass
 import sys
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import click
 
 from wardgate import __version__, runtime
-from wardgate.cli.output import console, guarded
+from wardgate.cli.output import FORMATS, console, details, dump, guarded, table
 from wardgate.errors import AuthenticationError, BadParameterError
+
+if TYPE_CHECKING:
+    from wardgate.client.profile import Profile
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,6 +70,302 @@ def register(proxy: str, token: str, ca_pin: str, insecure: bool) -> None:
     console.print(
         f"\nUser {done['user']} is registered with roles {', '.join(done['roles'])}. You can now log in."
     )
+
+
+# ---------------------------------------------------------------- login, status, logout
+
+
+def _valid_text(p: Profile) -> str:
+    until = f"{p.valid_until:%Y-%m-%d %H:%M:%S} UTC"
+    if p.is_expired():
+        return f"{until} [EXPIRED]"
+    from wardgate.durations import format_duration
+
+    left = p.valid_until - datetime.now(UTC)
+    return f"{until} (valid for {format_duration(left)})"
+
+
+def _print_profile(p: Profile) -> None:
+    details(
+        [
+            ("Proxy", p.proxy),
+            ("Cluster", p.cluster),
+            ("User", p.user),
+            ("Roles", ", ".join(p.roles)),
+            ("Logins", ", ".join(p.logins)),
+            ("Valid until", _valid_text(p)),
+        ]
+    )
+
+
+def _load(proxy: str = "", *, valid: bool = True) -> Profile:
+    from wardgate.client.profile import ProfileStore
+
+    profile = ProfileStore().load(proxy or None)
+    return profile.require_valid() if valid else profile
+
+
+PROXY_OPTION = click.option(
+    "--proxy", default="", help="Use the profile of this proxy (HOST:PORT) instead of the current one."
+)
+
+
+@main.command()
+@click.option(
+    "--proxy", required=True, envvar="WARD_PROXY", help="Proxy address HOST:PORT (default port 3080)."
+)
+@click.option(
+    "--user",
+    default=lambda: getpass.getuser(),
+    show_default="your local user name",
+    help="Wardgate user name.",
+)
+@click.option("--ttl", default="", help="Certificate lifetime, e.g. 8h (default 12h, capped by your roles).")
+@click.option("--ca-pin", default="", help="Pin of the cluster CA from `wardctl status` (first login).")
+@click.option("--insecure", is_flag=True, help="Trust the cluster without a pin (development only).")
+@guarded
+def login(proxy: str, user: str, ttl: str, ca_pin: str, insecure: bool) -> None:
+    """Log in: prompts for the password (and one-time code) and saves certificates in ~/.ward."""
+    from wardgate.client.login import discover, parse_ttl
+    from wardgate.client.login import login as do_login
+
+    lifetime = parse_ttl(ttl)
+    info = runtime.run(discover(proxy, ca_pin=ca_pin, insecure=insecure))
+    password = click.prompt(f"Password for {user}", hide_input=True, err=True)
+    otp = ""
+    if info.needs_otp:
+        otp = click.prompt("One-time code from your authenticator app", err=True).strip()
+    profile = runtime.run(
+        do_login(proxy, user, password, otp, ttl=lifetime, ca_pin=ca_pin, insecure=insecure, info=info)
+    )
+    _print_profile(profile)
+
+
+@main.command()
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@guarded
+def status(fmt: str) -> None:
+    """Show who you are logged in as, where, and until when."""
+    profile = _load(valid=False)
+    if fmt != "text":
+        dump({**profile.to_dict(), "expired": profile.is_expired()}, fmt)
+        return
+    _print_profile(profile)
+    if profile.is_expired():
+        console.print(
+            f"\nRun `ward login --proxy={profile.proxy} --user={profile.user}` to renew.", markup=False
+        )
+
+
+@main.command()
+@PROXY_OPTION
+@guarded
+def logout(proxy: str) -> None:
+    """Delete the profile's keys and certificates from ~/.ward."""
+    from wardgate.client.profile import ProfileStore
+
+    removed = ProfileStore().remove(proxy or None)
+    if removed is None:
+        console.print("Not logged in.")
+        return
+    console.print(f"Logged out {removed.user} from {removed.proxy}.", markup=False)
+
+
+# ---------------------------------------------------------------- nodes and SSH
+
+
+@main.command(name="ls")
+@click.argument("labels", nargs=-1)
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@PROXY_OPTION
+@guarded
+def ls(labels: tuple[str, ...], fmt: str, proxy: str) -> None:
+    """List the nodes you may reach, optionally only those with every label=value given."""
+    from wardgate.client.nodes import Selector, filter_nodes, node_rows, visible_nodes
+
+    selector = Selector.parse(labels)
+    profile = _load(proxy)
+    nodes = filter_nodes(runtime.run(visible_nodes(profile)), selector)
+    if fmt != "text":
+        dump(nodes, fmt)
+        return
+    table(
+        ["Node", "Address", "Labels", "Logins"],
+        node_rows(nodes),
+        empty="No nodes match."
+        if selector
+        else "No nodes: none are registered, or your roles let you see none.",
+    )
+
+
+SSH_CONTEXT = {"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]}
+
+
+@main.command(context_settings=SSH_CONTEXT)
+@click.option(
+    "-p", "--port", type=click.IntRange(1, 65535), help="Node SSH port (default: its registered one)."
+)
+@click.option(
+    "-l", "--login", "login_opt", default="", help="Remote login (default: your first allowed login)."
+)
+@click.option("-L", "local_forwards", multiple=True, metavar="SPEC", help="Local port forwarding, as ssh -L.")
+@click.option(
+    "-R", "remote_forwards", multiple=True, metavar="SPEC", help="Remote port forwarding, as ssh -R."
+)
+@click.option("-D", "dynamic_forwards", multiple=True, metavar="SPEC", help="SOCKS forwarding, as ssh -D.")
+@click.option("-A", "forward_agent", is_flag=True, help="Forward your SSH agent.")
+@click.option("-t", "tty", count=True, help="Force a terminal (twice: even without a local one).")
+@click.option("-T", "no_tty", is_flag=True, help="Never allocate a terminal.")
+@click.option("-N", "no_command", is_flag=True, help="Run no command (for port forwarding).")
+@click.option("-o", "options", multiple=True, metavar="OPTION", help="Extra OpenSSH option, as ssh -o.")
+@click.option("-v", "verbose", count=True, help="Verbose OpenSSH output.")
+@PROXY_OPTION
+@click.argument("target")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@guarded
+def ssh(
+    port: int | None,
+    login_opt: str,
+    local_forwards: tuple[str, ...],
+    remote_forwards: tuple[str, ...],
+    dynamic_forwards: tuple[str, ...],
+    forward_agent: bool,
+    tty: int,
+    no_tty: bool,
+    no_command: bool,
+    options: tuple[str, ...],
+    verbose: int,
+    proxy: str,
+    target: str,
+    command: tuple[str, ...],
+) -> None:
+    """SSH to [LOGIN@]NODE with OpenSSH, or run COMMAND on all nodes matching label=value.
+
+    TARGET is [LOGIN@]NODE, or [LOGIN@]label=value[,label=value] to run COMMAND on every
+    matching node in parallel, each output line prefixed with [NODE]. The exit code is ssh's;
+    across several nodes, the highest.
+    """
+    from wardgate.client.nodes import Selector, is_selector, visible_nodes
+    from wardgate.client.ssh import argvs_for_nodes, exec_program, run_on_nodes, split_login, ssh_argv
+
+    profile = _load(proxy)
+    cmd = list(command[1:] if command[:1] == ("--",) else command)
+    if is_selector(target):
+        if local_forwards or remote_forwards or dynamic_forwards or tty:
+            raise BadParameterError("port forwarding and -t need a single node, not a label selector")
+        login_name, selector_text = split_login(target, login_opt, profile)
+        selector = Selector.parse([selector_text])
+        nodes = runtime.run(visible_nodes(profile))
+        argvs = argvs_for_nodes(
+            profile,
+            nodes,
+            selector,
+            login_name,
+            cmd,
+            port=port,
+            options=options,
+            verbose=verbose,
+            forward_agent=forward_agent,
+        )
+        sys.exit(runtime.run(run_on_nodes(argvs)))
+    login_name, node = split_login(target, login_opt, profile)
+    argv = ssh_argv(
+        profile,
+        node,
+        login_name,
+        cmd,
+        port=port,
+        local_forwards=local_forwards,
+        remote_forwards=remote_forwards,
+        dynamic_forwards=dynamic_forwards,
+        forward_agent=forward_agent,
+        tty=tty,
+        no_tty=no_tty,
+        no_command=no_command,
+        verbose=verbose,
+        options=options,
+    )
+    exec_program(argv)
+
+
+@main.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-r", "recursive", is_flag=True, help="Copy directories recursively.")
+@click.option("-p", "preserve", is_flag=True, help="Preserve modification times and modes.")
+@click.option("-q", "quiet", is_flag=True, help="No progress meter.")
+@click.option("-P", "--port", type=click.IntRange(1, 65535), help="Node SSH port.")
+@click.option(
+    "-l", "--login", "login_opt", default="", help="Remote login (default: your first allowed login)."
+)
+@click.option("-o", "options", multiple=True, metavar="OPTION", help="Extra OpenSSH option.")
+@PROXY_OPTION
+@click.argument("paths", nargs=-1, required=True)
+@guarded
+def scp(
+    recursive: bool,
+    preserve: bool,
+    quiet: bool,
+    port: int | None,
+    login_opt: str,
+    options: tuple[str, ...],
+    proxy: str,
+    paths: tuple[str, ...],
+) -> None:
+    """Copy files with OpenSSH scp; a remote side is written [LOGIN@]NODE:PATH.
+
+    PATHS are SOURCE... DEST, as for scp.
+    """
+    from wardgate.client.ssh import exec_program, scp_argv
+
+    if len(paths) < 2:
+        raise BadParameterError("scp needs a source and a destination")
+    profile = _load(proxy)
+    argv = scp_argv(
+        profile,
+        paths[:-1],
+        paths[-1],
+        login=login_opt,
+        recursive=recursive,
+        preserve=preserve,
+        port=port,
+        quiet=quiet,
+        options=options,
+    )
+    exec_program(argv)
+
+
+@main.command()
+@PROXY_OPTION
+@guarded
+def config(proxy: str) -> None:
+    """Print an OpenSSH config block: `ssh LOGIN@NODE.CLUSTER` then works with ssh, scp, rsync, Ansible."""
+    from wardgate.client.sshconfig import ssh_config_block
+
+    click.echo(ssh_config_block(_load(proxy, valid=False)), nl=False)
+
+
+@main.group()
+def proxy() -> None:
+    """Local helpers that native clients run."""
+
+
+@proxy.command(name="ssh")
+@click.option("--proxy", "proxy_addr", default="", help="Proxy HOST:PORT of the profile to use.")
+@click.option(
+    "--home",
+    default="",
+    envvar="WARD_HOME",
+    help="Ward home (default ~/.ward); set by `ward config` if moved.",
+)
+@click.argument("target")
+@guarded
+def proxy_ssh(proxy_addr: str, home: str, target: str) -> None:
+    """Connect stdin/stdout to LOGIN@HOST:PORT through the proxy (OpenSSH's ProxyCommand)."""
+    from wardgate.client.profile import ProfileStore
+    from wardgate.client.sshproxy import parse_proxy_target, proxy_stdio
+
+    profile = ProfileStore(home or None).load(proxy_addr or None).require_valid()
+    t = parse_proxy_target(target, profile)
+    runtime.run(proxy_stdio(profile, t.host, t.port, t.login))
 
 
 if __name__ == "__main__":

@@ -37,20 +37,31 @@ def start(config_path: str | None, data_dir: str | None, debug: bool) -> None:
     runtime.setup_logging("debug" if debug else cfg.wardgate.log.severity, cfg.wardgate.log.format)
 
     def started(s: Started) -> None:
-        ident = s.admin_identity
         console.print(f"[bold]Wardgate {__version__}[/] cluster [bold]{s.cluster_name}[/] is up.")
-        console.print(f"  services      {', '.join(x.removesuffix('_service') for x in s.services)}")
+        rows = [("services", ", ".join(x.removesuffix("_service") for x in s.services))]
         if s.unavailable:
             names = ", ".join(x.removesuffix("_service") for x in s.unavailable)
-            console.print(f"  not yet built {names} (enabled in config, skipped)")
-        console.print(f"  auth API      https://{s.auth_addr}")
-        console.print(f"  data dir      {cfg.wardgate.data_dir}")
-        console.print(f"  CA pin        {s.ca_pin}")
-        console.print(f"  admin ident.  {ident}  (wardctl finds it via --data-dir or -i)")
+            rows.append(("not yet built", f"{names} (enabled in config, skipped)"))
+        if s.proxy_addr:
+            rows.append(("proxy", f"https://{s.proxy_addr}  (ward login --proxy={s.proxy_addr})"))
+        if s.auth_addr:
+            rows.append(("auth API", f"https://{s.auth_addr}"))
+        if s.ssh_addr:
+            rows.append(("ssh node", s.ssh_addr))
+        if s.tunnel_to:
+            rows.append(("ssh node", f"reverse tunnel to {s.tunnel_to}"))
+        rows.append(("data dir", str(s.data_dir)))
+        if s.ca_pin:
+            rows.append(("CA pin", s.ca_pin))
+        if s.admin_identity:
+            rows.append(("admin identity", f"{s.admin_identity}  (wardctl finds it via --data-dir or -i)"))
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            console.print(f"  {k.ljust(width)}  {v}", markup=False)
         if s.first_start:
-            dd = f" --data-dir {cfg.wardgate.data_dir}" if cfg.wardgate.data_dir != "./wardgate-data" else ""
+            dd = f" --data-dir {s.data_dir}" if str(s.data_dir) != "wardgate-data" else ""
             console.print("\nCreate the first user (it prints an invitation to register):")
-            console.print(f"  wardctl{dd} users add alice --roles=editor,access --logins=root")
+            console.print(f"  wardctl{dd} users add alice --roles=editor,access --logins=root", markup=False)
         console.print("Press Ctrl-C to stop.")
 
     runtime.run(WardgateProcess(cfg).run_forever(started))

@@ -38,7 +38,7 @@ from wardgate.api.identityfile import load_key_pair
 from wardgate.protocols.errors import ProtocolError
 from wardgate.protocols.ping import KEEPALIVE, PingDecoder, encode
 from wardgate.protocols.tls import MAX_CLIENT_HELLO, ClientHello, NeedMore, parse_client_hello
-from wardgate.proxy.relay import DEFAULT_BUFFER_SIZE, RelayStats, Tap, dial_and_relay
+from wardgate.proxy.relay import DEFAULT_BUFFER_SIZE, Relay, RelayStats, Tap, dial_and_relay
 
 log = logging.getLogger(__name__)
 
@@ -470,6 +470,7 @@ class TLSRouter:
         self.stats: Counter[str] = Counter()
         self._routes: dict[str, _Route] = {}
         self._sni_routes: list[tuple[str, _Route]] = []
+        self._passthrough: dict[str, tuple[str, int]] = {}
         self._default: _Route | None = None
         self._web_alpns: tuple[str, ...] = ()
         self._ctx = ssl_context
@@ -498,6 +499,11 @@ class TLSRouter:
             raise ValueError(f"bad ALPN protocol name {alpn!r}")
         self._routes[alpn] = _Route(alpn, handler, ping)
         self._refresh_alpn()
+
+    def add_passthrough(self, alpn: str, host: str, port: int) -> None:
+        """Relay connections offering `alpn` to host:port *without* terminating TLS, so the
+        target sees the client's own handshake and certificate (the auth API's mutual TLS)."""
+        self._passthrough[alpn] = (host, port)
 
     def add_sni_route(self, prefix: str, handler: Handler) -> None:
         """Route by SNI prefix (e.g. `kube.`) when the ALPN names no route of its own."""
@@ -629,6 +635,10 @@ class TLSRouter:
         self, sock: socket.socket, addr: tuple[Any, ...], hello: ClientHello, deadline: float
     ) -> None:
         loop = asyncio.get_running_loop()
+        passthrough = next((a for a in hello.alpn if a in self._passthrough), None)
+        if passthrough is not None:
+            await self._pass_through(sock, addr, passthrough)
+            return
         hold = _Hold()
         remaining = deadline - loop.time()
         if remaining <= 0:
@@ -686,6 +696,25 @@ class TLSRouter:
         if not conn.taken:
             log.debug("%s handler returned without taking %s: closing it", route.name, conn)
             conn.close()
+
+    async def _pass_through(self, sock: socket.socket, addr: tuple[Any, ...], alpn: str) -> None:
+        host, port = self._passthrough[alpn]
+        self.stats["routed"] += 1
+        self.stats[f"route:{alpn}"] += 1
+        relay = Relay()
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(relay.protocol_a, sock)
+            await relay.dial_b(host, port, dial_timeout=10.0)
+        except (OSError, TimeoutError) as exc:
+            relay.abort()
+            log.warning("%s: passthrough %s to %s:%d failed: %s", addr[0], alpn, host, port, exc)
+            return
+        try:
+            await relay.run()
+        except asyncio.CancelledError:
+            relay.abort()
+            raise
 
     def _wrap_ping(self, hold: _Hold) -> _Hold:
         """Put the ping framing between the TLS stream and a fresh hold, replaying early bytes."""

@@ -1,0 +1,135 @@
+"""The proxy service: the one TLS port, wired to the auth service it fronts.
+
+It talks to auth like any remote service (mutual TLS with its host certificate), keeps a watched
+cache of what it authorises against, and routes: web (`/webapi/…`), `ward-ssh`, `ward-tunnel`,
+and `ward-auth` passed through untouched so clients' certificates reach the auth API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from aiohttp import web
+from cryptography import x509
+
+from wardgate.api.cache import ResourceCache
+from wardgate.api.client import AuthClient
+from wardgate.api.emitter import RemoteEmitter
+from wardgate.api.identityfile import IdentityFile
+from wardgate.api.resources import CertAuthority
+from wardgate.keys import load_x509_pem_list
+from wardgate.proxy.router import TLSRouter, server_context
+from wardgate.proxy.sshproxy import SSHProxy
+from wardgate.proxy.tunnel import TunnelServer
+from wardgate.proxy.web import ProxyWeb
+
+log = logging.getLogger(__name__)
+CACHED_KINDS = ("cert_authority", "role", "lock", "node", "user")
+
+
+@dataclass
+class ProxySettings:
+    listen_host: str
+    listen_port: int
+    public_addr: str
+    auth_host: str
+    auth_port: int
+    handshake_timeout: float = 15.0
+    ping_interval: float = 30.0
+
+
+class ProxyService:
+    def __init__(self, settings: ProxySettings, identity: IdentityFile) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.auth = AuthClient.from_identity(identity, f"{_bracket(settings.auth_host)}:{settings.auth_port}")
+        self.cache = ResourceCache(CACHED_KINDS)
+        self.emitter = RemoteEmitter(self.auth)
+        self.tunnels = TunnelServer(
+            self._host_cas, on_refused=self._tunnel_refused, authorize=self._authorize_agent
+        )
+        self.ssh = SSHProxy(self.cache, self.emitter, tunnels=self.tunnels)
+        self.router: TLSRouter | None = None
+        self._runner: web.AppRunner | None = None
+        self._cache_task: asyncio.Task[None] | None = None
+        self.address: tuple[str, int] | None = None
+
+    def _cas(self, ca_type: str) -> list[x509.Certificate]:
+        ca = self.cache.get("cert_authority", ca_type)
+        if not isinstance(ca, CertAuthority):
+            return []
+        keys = (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
+        return load_x509_pem_list("".join(k.tls_cert_pem for k in keys))
+
+    def _host_cas(self) -> list[x509.Certificate]:
+        return self._cas("host")
+
+    def _authorize_agent(self, identity: object) -> None:
+        from wardgate.auth.identity import Identity
+        from wardgate.auth.locks import find_lock, lock_decision
+
+        if isinstance(identity, Identity):
+            lock = find_lock(self.cache.list("lock"), node=[identity.host_id])  # type: ignore[arg-type]
+            if lock is not None:
+                lock_decision(lock).raise_if_denied()
+
+    def _tunnel_refused(self, remote: str, reason: str, identity: object = None) -> None:
+        self.emitter.emit_nowait(
+            "auth",
+            success=False,
+            protocol="tunnel",
+            remote_addr=remote,
+            error=reason,
+            user=getattr(identity, "host_id", "") or "",
+        )
+
+    async def start(self) -> tuple[str, int]:
+        s = self.settings
+        self._cache_task = asyncio.create_task(self.cache.run(lambda: self.auth.watch(CACHED_KINDS)))
+        await asyncio.wait_for(self.cache.ready.wait(), 30)
+        ping = await self.auth.ping()
+        client_cas = [
+            k.tls_cert_pem
+            for t in ("user", "host")
+            for k in self.cache.get("cert_authority", t).spec.active_keys  # type: ignore[union-attr]
+        ]
+        ctx = server_context(self.identity.cert_pem, self.identity.key_pem, client_ca_pems=client_cas)
+        webapi = ProxyWeb(
+            self.auth,
+            cluster_name=ping["cluster_name"],
+            public_addr=s.public_addr,
+            host_ca_pems=ping["host_ca_pems"],
+            second_factor=ping["second_factor"],
+        )
+        self._runner = web.AppRunner(webapi.app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        server = self._runner.server
+        assert server is not None
+        router = TLSRouter(ctx, handshake_timeout=s.handshake_timeout, ping_interval=s.ping_interval)
+        router.set_default(lambda conn: conn.attach(server()))
+        router.add_route("ward-ssh", self.ssh.handle)
+        router.add_route("ward-tunnel", self.tunnels.handle)
+        router.add_passthrough("ward-auth", s.auth_host, s.auth_port)
+        self.address = await router.start(s.listen_host, s.listen_port)
+        self.router = router
+        return self.address
+
+    async def close(self) -> None:
+        if self.router is not None:
+            await self.router.close()
+        await self.tunnels.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._cache_task is not None:
+            self._cache_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cache_task
+        await self.emitter.close()
+        await self.auth.close()
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

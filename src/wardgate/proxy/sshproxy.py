@@ -1,0 +1,242 @@
+"""The `ward-ssh` route: a user's SSH stream, authorised at the proxy, relayed to its node.
+
+Wire protocol (after TLS with the user's X.509 client certificate): the client sends one JSON
+line `{"host", "port", "login"}`; the proxy answers one line `{"ok": true, "node", "host_id"}`
+then relays raw SSH bytes, or `{"ok": false, "error"}` and closes. The SSH session itself is end
+to end between the user's client and the node, which checks the user's SSH certificate again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from cryptography import x509
+
+from wardgate.api.cache import ResourceCache
+from wardgate.api.resources import CertAuthority, Node
+from wardgate.audit.events import Emitter
+from wardgate.auth.access import check_ssh_access
+from wardgate.auth.certs import verify_tls_identity
+from wardgate.auth.identity import Identity
+from wardgate.errors import AccessDeniedError, AuthenticationError, BadParameterError, NotFoundError
+from wardgate.keys import load_x509_pem_list
+from wardgate.proxy.relay import Relay
+from wardgate.proxy.router import TLSConnection
+from wardgate.proxy.tunnel import pipe, stream_pair
+
+log = logging.getLogger(__name__)
+MAX_REQUEST = 4096
+REQUEST_DEADLINE = 10.0
+DEFAULT_NODE_PORT = 3022
+
+
+class TunnelDialer(Protocol):
+    async def dial(self, host_id: str, service: str, *, client_addr: str = "") -> Any: ...
+
+
+class _LineReader(asyncio.Protocol):
+    """Collects the request line from a detached transport; the rest stays for the relay."""
+
+    def __init__(self, initial: bytes, eof: bool) -> None:
+        self.buf = bytearray(initial)
+        self.eof = eof
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._check()
+
+    def _check(self) -> None:
+        if self.done.done():
+            return
+        if b"\n" in self.buf:
+            self.done.set_result(None)
+        elif len(self.buf) > MAX_REQUEST:
+            self.done.set_exception(BadParameterError("request line too long"))
+        elif self.eof:
+            self.done.set_exception(BadParameterError("connection closed before the request line"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._check()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._check()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionResetError("client went away"))
+
+
+class SSHProxy:
+    def __init__(
+        self,
+        cache: ResourceCache,
+        emitter: Emitter,
+        *,
+        tunnels: TunnelDialer | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cache = cache
+        self.emitter = emitter
+        self.tunnels = tunnels
+        self.clock = clock
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    def _user_cas(self) -> list[x509.Certificate]:
+        ca = self.cache.get("cert_authority", "user")
+        if not isinstance(ca, CertAuthority):
+            raise AuthenticationError("the proxy has not loaded the user CA yet: retry in a moment")
+        keys = (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
+        return load_x509_pem_list("".join(k.tls_cert_pem for k in keys))
+
+    def identify(self, der: bytes | None) -> Identity:
+        if not der:
+            raise AuthenticationError("no client certificate: run `ward login` first")
+        ident = verify_tls_identity(x509.load_der_x509_certificate(der), self._user_cas(), now=self._now())
+        if ident.system_role:
+            raise AuthenticationError("a service certificate cannot open SSH sessions")
+        return ident
+
+    def resolve(self, host: str) -> Node:
+        """A node by name, host id, hostname, or its registered address."""
+        nodes: list[Node] = self.cache.list("node")  # type: ignore[assignment]
+        for match in (
+            lambda n: n.name == host,
+            lambda n: n.spec.host_id == host,
+            lambda n: n.spec.hostname == host,
+            lambda n: n.spec.addr == host or n.spec.addr.rsplit(":", 1)[0] == host,
+        ):
+            found = [n for n in nodes if match(n)]
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                names = ", ".join(sorted(n.name for n in found))
+                raise BadParameterError(f'"{host}" matches several nodes ({names}): use the node name')
+        raise NotFoundError(f'node "{host}" not found: `ward ls` lists the nodes you can reach')
+
+    async def handle(self, conn: TLSConnection) -> None:
+        client_addr = f"{conn.remote[0]}:{conn.remote[1]}"
+        d = conn.detach()
+        transport = d.transport
+        reader = _LineReader(d.pending, d.eof)
+        transport.set_protocol(reader)
+        transport.resume_reading()
+        ident: Identity | None = None
+        req: dict[str, Any] = {}
+        try:
+            await asyncio.wait_for(asyncio.shield(reader.done), REQUEST_DEADLINE)
+            transport.pause_reading()  # what follows the line is SSH, kept for the relay
+            line, _, rest = bytes(reader.buf).partition(b"\n")
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise BadParameterError("request must be a JSON object")
+            ident = self.identify(conn.peer_cert)
+            host, login = str(req.get("host", "")), str(req.get("login", ""))
+            node = self.resolve(host)
+            decision, _ = check_ssh_access(
+                ident,
+                node,
+                login,
+                roles=self.cache.as_dict("role"),
+                locks=self.cache.list("lock"),  # type: ignore[arg-type]
+                node_names=[node.name, node.spec.hostname, node.spec.host_id],
+                now=self._now(),
+            )
+            if not decision.allowed:
+                raise AccessDeniedError(decision.reason)
+        except (TimeoutError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            await self._refuse(transport, ident, req, client_addr, f"bad request: {exc or 'timed out'}")
+            return
+        except (AuthenticationError, AccessDeniedError, BadParameterError, NotFoundError) as exc:
+            await self._refuse(transport, ident, req, client_addr, str(exc), code=exc.code)
+            return
+        except ConnectionResetError:
+            return
+        await self._connect(
+            transport, rest, reader.eof, node, ident, login, client_addr, int(req.get("port") or 0)
+        )
+
+    async def _connect(
+        self,
+        transport: asyncio.Transport,
+        rest: bytes,
+        eof: bool,
+        node: Node,
+        ident: Identity,
+        login: str,
+        client_addr: str,
+        port: int,
+    ) -> None:
+        ok = json.dumps({"ok": True, "node": node.name, "host_id": node.spec.host_id}).encode() + b"\n"
+        if node.spec.tunnel or not node.spec.addr:
+            if self.tunnels is None:
+                await self._refuse(
+                    transport,
+                    ident,
+                    {"host": node.name},
+                    client_addr,
+                    f'node "{node.name}" is only reachable through a tunnel, and none is open',
+                )
+                return
+            try:
+                pair = await self.tunnels.dial(node.spec.host_id or node.name, "ssh", client_addr=client_addr)
+            except Exception as exc:
+                await self._refuse(transport, ident, {"host": node.name}, client_addr, str(exc))
+                return
+            transport.write(ok)
+            reader, writer = stream_pair(transport, pending=rest, eof=eof)
+            await pipe(reader, writer, *pair)
+            return
+        host, _, default_port = node.spec.addr.rpartition(":")
+        target_port = port or int(default_port or DEFAULT_NODE_PORT)
+        # Dial before attaching the client: the relay holds the node's first bytes (its SSH
+        # banner) until both sides are attached, so the client reads our answer line first.
+        relay = Relay()
+        try:
+            await relay.dial_b(host.strip("[]"), target_port, dial_timeout=10.0)
+        except (OSError, TimeoutError) as exc:
+            relay.abort()
+            await self._refuse(
+                transport,
+                ident,
+                {"host": node.name},
+                client_addr,
+                f'node "{node.name}" at {node.spec.addr} is unreachable: {exc}',
+            )
+            return
+        transport.write(ok)
+        relay.attach_a(transport, pending=rest, eof=eof)
+        await relay.run()
+
+    async def _refuse(
+        self,
+        transport: asyncio.Transport,
+        ident: Identity | None,
+        req: dict[str, Any],
+        client_addr: str,
+        reason: str,
+        *,
+        code: str = "access_denied",
+    ) -> None:
+        log.info("ssh proxy refused %s: %s", client_addr, reason)
+        transport.write(json.dumps({"ok": False, "error": reason, "code": code}).encode() + b"\n")
+        transport.close()
+        await self.emitter.emit(
+            "auth",
+            user=ident.user if ident else "",
+            success=False,
+            error=reason,
+            protocol="ssh",
+            server=str(req.get("host", "")),
+            login=str(req.get("login", "")),
+            remote_addr=client_addr,
+            component="proxy",
+        )
