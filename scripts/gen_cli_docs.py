@@ -19,7 +19,10 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 def _walk(cmd: click.Command, path: list[str], out: list[str]) -> None:
     ctx = click.Context(
-        cmd, info_name=" ".join(path), terminal_width=100, max_content_width=100,
+        cmd,
+        info_name=" ".join(path),
+        terminal_width=100,
+        max_content_width=100,
         help_option_names=["-h", "--help"],
     )
     level = "#" * min(len(path) + 1, 4)

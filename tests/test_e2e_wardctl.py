@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,37 +14,17 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from tests.conftest import free_port
+from tests.cluster import BIN, Process, free_port, wardctl
 from wardgate.auth.totp import current_code
 
-BIN = Path(sys.executable).parent
 
-
-def wardctl(
-    data_dir: Path, *args: str, check: bool = True, stdin: str | None = None
-) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [str(BIN / "wardctl"), "--data-dir", str(data_dir), *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=60,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"wardctl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc
-
-
-class Cluster:
+class Cluster(Process):
     def __init__(self, root: Path) -> None:
-        self.root = root
         self.data_dir = root / "data"
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
-        self.config = root / "wardgate.yaml"
-        self.config.write_text(
+        super().__init__(
+            root,
             f"""version: v1
 wardgate:
   nodename: e2e-host
@@ -60,41 +38,10 @@ proxy_service:
   enabled: false
 ssh_service:
   enabled: false
-"""
+""",
+            wait_for=self.data_dir / "admin.identity",
+            wait_ports=(self.port,),
         )
-        self.log = open(root / "wardgate.log", "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [str(BIN / "wardgate"), "start", "-c", str(self.config)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if (self.data_dir / "admin.identity").exists() and self._port_open():
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise AssertionError("wardgate did not start:\n" + (root / "wardgate.log").read_text())
-
-    def _port_open(self) -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def output(self) -> str:
-        self.log.flush()
-        return (self.root / "wardgate.log").read_text()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")

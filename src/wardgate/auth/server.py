@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -685,6 +686,55 @@ class AuthServer:
     async def search_events(self, caller: Identity, **query: Any) -> tuple[list[dict], str | None]:
         self.authorize(caller, "event", "list")
         return await self.audit.search(**query)
+
+    # ------------------------------------------------------------------ recordings
+
+    def _recording_path(self, sid: str) -> Path:
+        try:
+            sid = str(uuid.UUID(sid))
+        except ValueError:
+            raise BadParameterError(f"{sid!r} is not a session id") from None
+        if self.cfg.recordings_dir is None:
+            raise NotFoundError("this auth service keeps no recordings (no recordings_dir)")
+        return self.cfg.recordings_dir / f"{sid}.cast.gz"
+
+    async def store_recording(self, caller: Identity, sid: str, data: bytes) -> None:
+        """A node ships a finished recording (gzip of asciicast v2)."""
+        self.authorize(caller, "session", "create")
+        if data[:2] != b"\x1f\x8b":
+            raise BadParameterError("a recording must be a gzip file of an asciicast")
+        path = self._recording_path(sid)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        await asyncio.to_thread(tmp.write_bytes, data)
+        await asyncio.to_thread(tmp.replace, path)
+        await self.audit.emit(
+            "session.upload", user=caller.user, sid=sid, size=len(data), host_id=caller.host_id
+        )
+
+    async def read_recording(self, caller: Identity, sid: str) -> bytes:
+        self.authorize(caller, "session", "read")
+        path = self._recording_path(sid)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"no recording for session {sid} (not recorded, still live, or not uploaded yet)"
+            ) from None
+
+    async def list_recordings(self, caller: Identity, *, limit: int = 100) -> list[dict[str, Any]]:
+        """Recorded sessions, newest first, described by their session.end events."""
+        self.authorize(caller, "session", "list")
+        if self.cfg.recordings_dir is None:
+            return []
+        ends, _ = await self.audit.search(types=["session.end"], limit=min(limit, 1000))
+        fields = ("sid", "user", "login", "server_id", "server_hostname", "time", "duration")
+        out = []
+        for ev in ends:
+            sid = ev.get("sid", "")
+            if sid and await asyncio.to_thread((self.cfg.recordings_dir / f"{sid}.cast.gz").exists):
+                out.append({k: ev.get(k) for k in fields})
+        return out
 
     @asynccontextmanager
     async def watch(

@@ -368,5 +368,45 @@ def proxy_ssh(proxy_addr: str, home: str, target: str) -> None:
     runtime.run(proxy_stdio(profile, t.host, t.port, t.login))
 
 
+@main.command()
+@click.argument("session_id")
+@click.option("--speed", default=1.0, show_default=True, help="Playback speed factor (2 = twice as fast).")
+@click.option(
+    "--max-idle", default=2.0, show_default=True, help="Cap pauses at this many seconds (0: no cap)."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["play", "json", "cast", "text"]),
+    default="play",
+    show_default=True,
+    help="play in the terminal, or export: json (events), cast (asciicast v2), text (output only).",
+)
+@PROXY_OPTION
+@guarded
+def play(session_id: str, speed: float, max_idle: float, fmt: str, proxy: str) -> None:
+    """Replay a recorded session (ids are in `wardctl recordings ls` and the audit log)."""
+    import json
+    import shutil
+
+    from wardgate.audit import recording
+    from wardgate.client.recordings import fetch_recording
+
+    if speed <= 0:
+        raise BadParameterError("--speed must be positive, like 1 or 2.5")
+    path = runtime.run(fetch_recording(_load(proxy), session_id))
+    try:
+        if fmt == "json":
+            click.echo(json.dumps(recording.export_json(path), indent=2))
+        elif fmt == "cast":
+            recording.export_cast(path, sys.stdout)
+        elif fmt == "text":
+            click.echo(recording.output_text(path), nl=False)
+        else:
+            recording.play(path, speed=speed, max_idle=max_idle or None)
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
 if __name__ == "__main__":
     main()

@@ -568,6 +568,45 @@ def access_explain(c: Ctx, user: str, target: str, login: str, fmt: str) -> None
         sys.exit(2)
 
 
+# ---------------------------------------------------------------- recordings
+
+
+@main.group("recordings")
+def recordings_group() -> None:
+    """Session recordings."""
+
+
+@recordings_group.command("ls")
+@click.option("--format", "fmt", type=FORMATS, default="text")
+@pass_ctx
+@guarded
+def recordings_ls(c: Ctx, fmt: str) -> None:
+    """Recorded sessions, newest first (replay with `ward play ID`)."""
+    items = c.run(lambda cl: cl.list_recordings())
+    if fmt != "text":
+        dump(items, fmt)
+        return
+    rows = [
+        [
+            r["sid"],
+            r.get("user", ""),
+            r.get("login", ""),
+            r.get("server_hostname") or r.get("server_id", ""),
+            (r.get("session_start") or r.get("time") or "")[:19].replace("T", " "),
+            _duration(r),
+        ]
+        for r in items
+    ]
+    table(
+        ["Session ID", "User", "Login", "Node", "Started (UTC)", "Duration"], rows, empty="No recordings yet."
+    )
+
+
+def _duration(r: dict[str, Any]) -> str:
+    secs = int(float(r.get("duration") or 0))
+    return f"{secs // 60}m{secs % 60:02d}s"
+
+
 # ---------------------------------------------------------------- audit
 
 

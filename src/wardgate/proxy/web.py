@@ -79,13 +79,15 @@ class ProxyWeb:
         )
 
     async def ping(self, request: web.Request) -> web.Response:
-        return web.json_response({
-            "cluster_name": self.cluster_name,
-            "proxy_public_addr": self.public_addr,
-            "server_version": __version__,
-            "auth": {"second_factor": self.second_factor, "connectors": []},
-            "host_ca_pems": self.host_ca_pems,
-        })
+        return web.json_response(
+            {
+                "cluster_name": self.cluster_name,
+                "proxy_public_addr": self.public_addr,
+                "server_version": __version__,
+                "auth": {"second_factor": self.second_factor, "connectors": []},
+                "host_ca_pems": self.host_ca_pems,
+            }
+        )
 
     async def create_session(self, request: web.Request) -> web.Response:
         body: Any = await request.json()

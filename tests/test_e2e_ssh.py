@@ -1,0 +1,284 @@
+"""SSH end to end: a real `wardgate start` (auth + proxy + node), the real `ward` and OpenSSH.
+
+Also a second process that joins with a token through the proxy and serves its node over a
+reverse tunnel (it listens on nothing: the only way in is the tunnel).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from tests.cluster import BIN, Process, audit, free_port, wardctl
+from wardgate.auth.totp import current_code
+
+CLUSTER = "ssh.example"
+STATIC_TOKEN = "node:static-join-token-for-tests"
+PASSWORD = "correct horse battery staple"
+
+
+class SSHCluster(Process):
+    def __init__(self, root: Path) -> None:
+        self.data_dir = root / "data"
+        self.auth_port, self.proxy_port, self.ssh_port = free_port(), free_port(), free_port()
+        self.proxy = f"127.0.0.1:{self.proxy_port}"
+        super().__init__(
+            root,
+            f"""version: v1
+wardgate:
+  nodename: main-node
+  data_dir: {self.data_dir}
+auth_service:
+  listen_addr: 127.0.0.1:{self.auth_port}
+  cluster_name: {CLUSTER}
+  tokens: ["{STATIC_TOKEN}"]
+proxy_service:
+  listen_addr: 127.0.0.1:{self.proxy_port}
+ssh_service:
+  listen_addr: 127.0.0.1:{self.ssh_port}
+  labels: {{env: dev}}
+""",
+            wait_for=self.data_dir / "admin.identity",
+            wait_ports=(self.auth_port, self.proxy_port, self.ssh_port),
+        )
+        self.pin = json.loads(wardctl(self.data_dir, "status", "--format", "json").stdout)["ca_pin"]
+
+    def add_user(self, name: str, roles: str, logins: str) -> str:
+        """Invite and register through the public API; returns the TOTP secret."""
+        from wardgate import runtime
+        from wardgate.api.client import AuthClient
+        from wardgate.api.identityfile import server_trusting_context
+
+        out = wardctl(self.data_dir, "users", "add", name, f"--roles={roles}", f"--logins={logins}").stdout
+        token = out.split("--invite=")[1].split()[0]
+        addr = f"127.0.0.1:{self.auth_port}"
+
+        async def go() -> str:
+            pems = await AuthClient.discover_trust(addr, ca_pin=self.pin)
+            async with AuthClient(addr, server_trusting_context(pems)) as c:
+                info = await c.begin_registration(token)
+                await c.complete_registration(token, PASSWORD, current_code(info["totp_secret"]))
+            return info["totp_secret"]
+
+        return runtime.run(go())
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHCluster]:
+    c = SSHCluster(tmp_path_factory.mktemp("ssh-cluster"))
+    yield c
+    c.stop()
+
+
+def ward_env(home: Path) -> dict[str, str]:
+    return {**os.environ, "WARD_HOME": str(home), "COLUMNS": "200"}
+
+
+def ward(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "ward"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ward_env(home),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def login(cluster: SSHCluster, home: Path, user: str, secret: str) -> None:
+    child = pexpect.spawn(
+        str(BIN / "ward"),
+        ["login", f"--proxy={cluster.proxy}", f"--user={user}", f"--ca-pin={cluster.pin}"],
+        env=ward_env(home),
+        encoding="utf-8",
+        timeout=30,
+    )
+    child.expect(f"Password for {user}")
+    child.sendline(PASSWORD)
+    child.expect("One-time code")
+    # The enrolment spent the current 30 s step; the next step is inside the ±1 window.
+    child.sendline(current_code(secret, time.time() + 30))
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+
+
+@pytest.fixture(scope="module")
+def alice(cluster: SSHCluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("alice-ward")
+    login(cluster, home, "alice", cluster.add_user("alice", "access", "root"))
+    return home
+
+
+def test_default_start_runs_all_three_services(cluster: SSHCluster) -> None:
+    out = cluster.output()
+    assert "services        auth, proxy, ssh" in out
+    assert f"ward login --proxy={cluster.proxy}" in out
+
+
+def test_status_and_ls(cluster: SSHCluster, alice: Path) -> None:
+    status = ward(alice, "status")
+    assert status.returncode == 0 and "alice" in status.stdout and CLUSTER in status.stdout
+    ls = ward(alice, "ls")
+    assert ls.returncode == 0, ls.stderr
+    assert re.search(r"main-node\s+.*env=dev\s+root", ls.stdout), ls.stdout
+    data = json.loads(ward(alice, "ls", "--format", "json").stdout)
+    assert [n["name"] for n in data] == ["main-node"]
+    assert ward(alice, "ls", "env=prod").stdout.count("main-node") == 0
+
+
+def test_ssh_exec_and_exit_code(cluster: SSHCluster, alice: Path) -> None:
+    hi = ward(alice, "ssh", "root@main-node", "echo", "hi-from-$(hostname)")
+    assert hi.returncode == 0, hi.stderr
+    assert hi.stdout.strip() == f"hi-from-{socket.gethostname()}"
+    assert ward(alice, "ssh", "root@main-node", "exit 7").returncode == 7
+    starts = [e for e in audit(cluster.data_dir, "--type", "session.start") if e["user"] == "alice"]
+    assert starts and starts[0]["login"] == "root"
+
+
+def test_interactive_session_is_recorded_and_replays(cluster: SSHCluster, alice: Path) -> None:
+    child = pexpect.spawn(
+        str(BIN / "ward"),
+        ["ssh", "-t", "root@main-node"],
+        env=ward_env(alice),
+        encoding="utf-8",
+        timeout=30,
+        dimensions=(30, 100),
+    )
+    child.sendline("echo marker-$((6*7))-done")
+    child.expect("marker-42-done")
+    child.sendline("exit 0")
+    child.expect(pexpect.EOF)
+    child.close()
+    sid = ""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not sid:
+        recs = json.loads(wardctl(cluster.data_dir, "recordings", "ls", "--format", "json").stdout)
+        sid = next((r["sid"] for r in recs if r["user"] == "alice"), "")
+        time.sleep(0.3)
+    assert sid, "the recording was not uploaded"
+    text = ward(alice, "play", sid, "--format", "text")
+    assert text.returncode == 0 and "marker-42-done" in text.stdout
+    events = json.loads(ward(alice, "play", sid, "--format", "json").stdout)
+    assert events["header"]["version"] == 2
+    played = ward(alice, "play", sid, "--speed", "50")
+    assert "marker-42-done" in played.stdout
+    ends = [e for e in audit(cluster.data_dir, "--type", "session.end") if e.get("sid") == sid]
+    assert ends and ends[0]["user"] == "alice"
+
+
+def test_plain_openssh_scp_and_sftp_through_ward_config(
+    cluster: SSHCluster, alice: Path, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(ward(alice, "config").stdout)
+    base = ["-F", str(cfg), "-o", "BatchMode=yes"]
+    ok = subprocess.run(
+        ["ssh", *base, f"root@main-node.{CLUSTER}", "echo", "openssh-ok"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == "openssh-ok"
+    src = tmp_path / "payload.bin"
+    src.write_bytes(os.urandom(300_000))
+    remote = f"/tmp/wardgate-e2e-{os.getpid()}.bin"
+    up = subprocess.run(
+        ["scp", *base, str(src), f"root@main-node.{CLUSTER}:{remote}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert up.returncode == 0, up.stderr
+    back = tmp_path / "back.bin"
+    batch = tmp_path / "batch"
+    batch.write_text(f"get {remote} {back}\nrm {remote}\n")
+    sftp = subprocess.run(
+        ["sftp", *base, "-b", str(batch), f"root@main-node.{CLUSTER}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert sftp.returncode == 0, sftp.stderr
+    assert back.read_bytes() == src.read_bytes()
+
+
+def test_denied_login_and_locked_user_are_refused_and_audited(
+    cluster: SSHCluster, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    home = tmp_path_factory.mktemp("bob-ward")
+    login(cluster, home, "bob", cluster.add_user("bob", "access", "root"))
+    denied = ward(home, "ssh", "nobody@main-node", "true")
+    assert denied.returncode != 0
+    assert 'login "nobody"' in denied.stderr
+    wardctl(cluster.data_dir, "lock", "--user=bob", "--ttl=1h", "--message=incident-77")
+    locked = ward(home, "ssh", "root@main-node", "true")
+    assert locked.returncode != 0 and "incident-77" in locked.stderr
+    refusals = [
+        e for e in audit(cluster.data_dir, "--type", "auth") if e["user"] == "bob" and not e["success"]
+    ]
+    reasons = " ".join(e.get("error", "") for e in refusals)
+    assert 'login "nobody"' in reasons and "incident-77" in reasons
+
+
+def test_garbage_on_the_proxy_port_leaves_it_serving(cluster: SSHCluster, alice: Path) -> None:
+    for payload in (os.urandom(2048), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x02\x00\x01"):
+        with socket.create_connection(("127.0.0.1", cluster.proxy_port), timeout=5) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(5)
+            try:
+                reply = s.recv(1024)
+            except (ConnectionResetError, TimeoutError):
+                reply = b""
+            if payload.startswith(b"GET"):
+                assert b"400" in reply and b"https://" in reply
+    assert ward(alice, "ssh", "root@main-node", "echo", "still-up").stdout.strip() == "still-up"
+
+
+def test_node_behind_a_reverse_tunnel(cluster: SSHCluster, alice: Path, tmp_path: Path) -> None:
+    """A node that only dials out: joined with a token through the proxy's one port."""
+    edge_data = tmp_path / "edge-data"
+    edge = Process(
+        tmp_path / "edge",
+        f"""version: v1
+wardgate:
+  nodename: edge-node
+  data_dir: {edge_data}
+  proxy_server: {cluster.proxy}
+  auth_token: {STATIC_TOKEN.split(":", 1)[1]}
+  ca_pin: ["{cluster.pin}"]
+auth_service:
+  enabled: false
+proxy_service:
+  enabled: false
+ssh_service:
+  listen_addr: 127.0.0.1:0
+  labels: {{env: edge}}
+""",
+    )
+    try:
+        assert "reverse tunnel to" in edge.output()
+        deadline = time.monotonic() + 30
+        ls = ""
+        while time.monotonic() < deadline and "edge-node" not in ls:
+            ls = ward(alice, "ls", "env=edge").stdout
+            time.sleep(0.3)
+        assert "edge-node" in ls
+        out = ward(alice, "ssh", "root@edge-node", "echo", "through-the-tunnel")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "through-the-tunnel"
+        joins = [e for e in audit(cluster.data_dir, "--type", "join") if e["user"] == "edge-node"]
+        assert joins and joins[0]["success"]
+    finally:
+        edge.stop()
