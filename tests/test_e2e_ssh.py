@@ -282,3 +282,68 @@ ssh_service:
         assert joins and joins[0]["success"]
     finally:
         edge.stop()
+
+
+@pytest.fixture
+def openssh_node(cluster: SSHCluster, tmp_path: Path) -> Iterator[int]:
+    """A throw-away OpenSSH sshd trusting the cluster's user CA, with a Wardgate host cert."""
+    d = tmp_path / "sshd"
+    d.mkdir(mode=0o700)
+    port = free_port()
+    key = d / "host_key"
+    wardctl(cluster.data_dir, "auth", "sign", "--host=legacy", "--principals=127.0.0.1", "-o", str(key))
+    ca = d / "user_ca.pub"
+    ca.write_text(wardctl(cluster.data_dir, "auth", "export", "--type=user").stdout)
+    cfg = d / "sshd_config"
+    cfg.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {key}\nHostCertificate {key}-cert.pub\n"
+        f"TrustedUserCAKeys {ca}\nPidFile {d}/sshd.pid\nUsePAM no\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nLogLevel ERROR\n"
+        "Subsystem sftp internal-sftp\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)], stderr=subprocess.PIPE)
+    try:
+        from tests.cluster import wait_port
+
+        assert wait_port(port, time.monotonic() + 15), "sshd did not start"
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_agentless_openssh_node(cluster: SSHCluster, alice: Path, openssh_node: int) -> None:
+    wardctl(
+        cluster.data_dir,
+        "nodes",
+        "add",
+        "--agentless",
+        "--name=legacy",
+        f"--addr=127.0.0.1:{openssh_node}",
+        "--labels=env=dev,kind=openssh",
+    )
+    assert "agentless" in wardctl(cluster.data_dir, "nodes", "ls").stdout
+    out = ward(alice, "ssh", "root@legacy", "echo", "agentless-ok")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "agentless-ok"
+    deadline = time.monotonic() + 15
+    ends: list[dict] = []
+    while time.monotonic() < deadline and not ends:
+        ends = [e for e in audit(cluster.data_dir, "--type", "session.end") if e.get("server_id") == "legacy"]
+        time.sleep(0.2)
+    assert ends and ends[0]["user"] == "alice" and ends[0]["agentless"] is True and ends[0]["bytes_out"] > 0
+
+    # A certificate that also carries a login the roles allow only elsewhere cannot reach it:
+    # sshd would accept that login, and the proxy cannot see which one the client picks.
+    role = (
+        "kind: role\nmetadata: {name: web-only}\nspec:\n  allow:\n"
+        "    logins: [www]\n    node_labels: {env: web}\n"
+    )
+    wardctl(cluster.data_dir, "create", "-f", "-", stdin=role)
+    home = alice.parent / "dora-ward"
+    home.mkdir(exist_ok=True)
+    login(cluster, home, "dora", cluster.add_user("dora", "access,web-only", "root"))
+    refused = ward(home, "ssh", "root@legacy", "true")
+    assert refused.returncode != 0 and "agentless" in refused.stderr and "www" in refused.stderr
+    assert ward(home, "ssh", "root@main-node", "echo", "ok").stdout.strip() == "ok"

@@ -384,6 +384,79 @@ def rm_cmd(c: Ctx, ref: str) -> None:
     console.print(f'{kind} "{name}" has been deleted.')
 
 
+# ---------------------------------------------------------------- nodes
+
+
+@main.group()
+def nodes() -> None:
+    """SSH nodes: list them, or register agentless OpenSSH servers."""
+
+
+@nodes.command("ls")
+@click.option("--format", "fmt", type=FORMATS, default="text")
+@pass_ctx
+@guarded
+def nodes_ls(c: Ctx, fmt: str) -> None:
+    """Registered nodes (agents renew theirs with heartbeats; agentless ones stay until removed)."""
+    items = c.run(lambda cl: cl.list_resources("node"))
+    if fmt != "text":
+        dump([resource_to_dict(n) for n in items], fmt)
+        return
+    rows = [
+        [
+            n.name,
+            n.spec.addr or "(tunnel)",
+            "agentless" if n.spec.agentless else ("tunnel" if n.spec.tunnel else "direct"),
+            ",".join(f"{k}={v}" for k, v in sorted(n.all_labels().items())),
+            n.spec.host_id,
+        ]
+        for n in items
+    ]
+    table(["Node", "Address", "Mode", "Labels", "Host ID"], rows, empty="No nodes registered.")
+
+
+@nodes.command("add")
+@click.option(
+    "--agentless", is_flag=True, required=True, help="A plain OpenSSH server (no Wardgate agent on it)."
+)
+@click.option(
+    "--name", required=True, help="Node name; its host certificate needs NAME.<cluster> (auth sign --host)."
+)
+@click.option("--addr", required=True, help="HOST:PORT the proxy dials (the sshd).")
+@click.option("--labels", default="", help="Comma-separated key=value labels for RBAC.")
+@pass_ctx
+@guarded
+def nodes_add(c: Ctx, agentless: bool, name: str, addr: str, labels: str) -> None:
+    """Register an agentless OpenSSH node.
+
+    \b
+    On that server: trust the user CA and present a host certificate:
+      wardctl auth export --type=user > /etc/ssh/wardgate_user_ca.pub
+      wardctl auth sign --host=NAME -o /etc/ssh/wardgate_host_key
+    and in sshd_config: TrustedUserCAKeys, HostKey, HostCertificate (printed by auth sign).
+    """
+    from wardgate.api.resources import Node, NodeSpec
+    from wardgate.config import parse_addr
+
+    try:
+        host, port = parse_addr(addr, 22)
+    except ValueError as exc:
+        raise BadParameterError(f"--addr: {exc}") from None
+    label_map: dict[str, str] = {}
+    for part in _parse_kv_list(labels):
+        k, eq, v = part.partition("=")
+        if not eq or not k:
+            raise BadParameterError(f"--labels {part!r}: use key=value")
+        label_map[k] = v
+    node = Node.new(
+        name,
+        NodeSpec(hostname=name, addr=f"{host}:{port}", host_id=name, agentless=agentless),
+        labels=label_map,
+    )
+    c.run(lambda cl: cl.put_resource(node))
+    console.print(f"Node {name} ({host}:{port}) has been registered as an agentless OpenSSH node.")
+
+
 # ---------------------------------------------------------------- locks
 
 

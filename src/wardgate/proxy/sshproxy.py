@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -152,6 +153,8 @@ class SSHProxy:
             )
             if not decision.allowed:
                 raise AccessDeniedError(decision.reason)
+            if node.spec.agentless:
+                self._check_agentless(ident, node)
         except (TimeoutError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             await self._refuse(transport, ident, req, client_addr, f"bad request: {exc or 'timed out'}")
             return
@@ -163,6 +166,31 @@ class SSHProxy:
         await self._connect(
             transport, rest, reader.eof, node, ident, login, client_addr, int(req.get("port") or 0)
         )
+
+    def _check_agentless(self, ident: Identity, node: Node) -> None:
+        """An OpenSSH node accepts any login in the certificate, and the proxy cannot see which
+        one the client picks inside the encrypted stream: so every login the certificate carries
+        must be allowed there, or the connection is refused (deny by default)."""
+        names = [node.name, node.spec.hostname, node.spec.host_id]
+        refused = [
+            login
+            for login in ident.logins
+            if not check_ssh_access(
+                ident,
+                node,
+                login,
+                roles=self.cache.as_dict("role"),
+                locks=self.cache.list("lock"),  # type: ignore[arg-type]
+                node_names=names,
+                now=self._now(),
+            )[0].allowed
+        ]
+        if refused:
+            raise AccessDeniedError(
+                f'"{node.name}" is an agentless OpenSSH node, which accepts any login in your certificate; '
+                f"your certificate also carries login(s) {', '.join(refused)} that your roles do not allow "
+                "there, so the proxy refuses it (ask for a role whose logins all apply to this node)"
+            )
 
     async def _connect(
         self,
@@ -214,7 +242,31 @@ class SSHProxy:
             return
         transport.write(ok)
         relay.attach_a(transport, pending=rest, eof=eof)
-        await relay.run()
+        if not node.spec.agentless:
+            await relay.run()
+            return
+        # An OpenSSH node writes no Wardgate events: the proxy records that the session happened.
+        sid = str(uuid.uuid4())
+        fields = {
+            "login": login,
+            "server_id": node.name,
+            "server_hostname": node.spec.hostname or node.name,
+            "server_addr": node.spec.addr,
+            "remote_addr": client_addr,
+            "agentless": True,
+        }
+        started = time.monotonic()
+        await self.emitter.emit("session.start", user=ident.user, sid=sid, **fields)
+        stats = await relay.run()
+        await self.emitter.emit(
+            "session.end",
+            user=ident.user,
+            sid=sid,
+            **fields,
+            duration=round(time.monotonic() - started, 3),
+            bytes_in=stats.a_to_b,
+            bytes_out=stats.b_to_a,
+        )
 
     async def _refuse(
         self,
