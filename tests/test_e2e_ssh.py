@@ -347,3 +347,48 @@ def test_agentless_openssh_node(cluster: SSHCluster, alice: Path, openssh_node: 
     refused = ward(home, "ssh", "root@legacy", "true")
     assert refused.returncode != 0 and "agentless" in refused.stderr and "www" in refused.stderr
     assert ward(home, "ssh", "root@main-node", "echo", "ok").stdout.strip() == "ok"
+
+
+def test_join_a_live_session_as_observer(
+    cluster: SSHCluster, alice: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    role = "kind: role\nmetadata: {name: watcher}\nspec:\n  allow:\n    join_sessions: [observer]\n"
+    wardctl(cluster.data_dir, "create", "-f", "-", stdin=role)
+    erin = tmp_path_factory.mktemp("erin-ward")
+    login(cluster, erin, "erin", cluster.add_user("erin", "access,watcher", "root"))
+    frank = tmp_path_factory.mktemp("frank-ward")
+    login(cluster, frank, "frank", cluster.add_user("frank", "access", "root"))
+
+    owner = pexpect.spawn(
+        str(BIN / "ward"),
+        ["ssh", "-t", "root@main-node"],
+        env=ward_env(alice),
+        encoding="utf-8",
+        timeout=30,
+        dimensions=(30, 100),
+    )
+    owner.sendline("echo sid=$WARD_SESSION_ID=")
+    owner.expect(r"sid=([0-9a-f-]{36})=")
+    sid = owner.match.group(1)
+
+    refused = ward(frank, "join", sid)
+    assert refused.returncode != 0 and "join_sessions" in refused.stderr
+
+    watcher = pexpect.spawn(
+        str(BIN / "ward"), ["join", sid], env=ward_env(erin), encoding="utf-8", timeout=30
+    )
+    watcher.expect("Joining alice's session")
+    time.sleep(0.5)  # let the join reach the node before the owner types
+    owner.sendline("echo shared-$((40+2))-view")
+    owner.expect("shared-42-view")
+    watcher.expect("shared-42-view")
+    watcher.send("echo typed-by-observer\r")  # observers cannot type into the session
+    owner.sendline("exit 0")
+    owner.expect(pexpect.EOF)
+    watcher.expect(pexpect.EOF)
+    assert "typed-by-observer" not in owner.before
+    joins = [e for e in audit(cluster.data_dir, "--type", "session.join") if e.get("sid") == sid]
+    assert any(e["user"] == "erin" and e["success"] and e["mode"] == "observer" for e in joins)
+    assert any(e["user"] == "frank" and not e["success"] for e in joins)
+    ends = [e for e in audit(cluster.data_dir, "--type", "session.end") if e.get("sid") == sid]
+    assert ends and "erin" in ends[0]["participants"]

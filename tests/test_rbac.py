@@ -673,3 +673,23 @@ def test_lock_decision_denies_whatever_the_roles() -> None:
     assert d2 is not None
     assert d2.reason == d.reason  # ...the lock still denies
     assert check_locks([timed], ident, now=datetime(2026, 11, 25, tzinfo=UTC)) is None
+
+
+@pytest.mark.parametrize(
+    ("allow", "deny", "expected"),
+    [
+        ([], [], set()),
+        (["observer"], [], {"observer"}),
+        (["*"], [], {"observer", "peer"}),
+        (["*"], ["peer"], {"observer"}),
+        (["observer", "peer"], ["*"], set()),
+    ],
+)
+def test_join_modes_deny_wins(allow: list[str], deny: list[str], expected: set[str]) -> None:
+    from wardgate.api.resources import Role, RoleConditions, RoleSpec
+    from wardgate.auth.rbac import AccessChecker
+
+    role = Role.new(
+        "r", RoleSpec(allow=RoleConditions(join_sessions=allow), deny=RoleConditions(join_sessions=deny))
+    )
+    assert set(AccessChecker([role]).join_modes()) == expected

@@ -239,6 +239,9 @@ class AuthClient:
     async def explain(self, user: str, node: str, login: str) -> dict[str, Any]:
         return await self.call("POST", "/v1/access/explain", {"user": user, "node": node, "login": login})
 
+    async def find_session(self, sid: str) -> dict[str, Any]:
+        return await self.call("GET", f"/v1/sessions/{sid}")
+
     async def upload_recording(self, sid: str, data: bytes) -> None:
         await self.call_bytes("PUT", f"/v1/recordings/{sid}", data)
 

@@ -133,6 +133,7 @@ class AuthAPI:
         r.add_post("/v1/events", self.emit_events)
         r.add_get("/v1/events", self.search_events)
         r.add_get("/v1/watch", self.watch)
+        r.add_get("/v1/sessions/{sid}", self.find_session)
         r.add_get("/v1/recordings", self.list_recordings)
         r.add_get("/v1/recordings/{sid}", self.get_recording)
         r.add_put("/v1/recordings/{sid}", self.put_recording)
@@ -489,6 +490,9 @@ class AuthAPI:
             order=q.get("order", "desc"),
         )
         return web.json_response({"events": events, "cursor": cursor})
+
+    async def find_session(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.auth.find_session(request["identity"], request.match_info["sid"]))
 
     async def put_recording(self, request: web.Request) -> web.Response:
         data = await request.read()

@@ -468,6 +468,7 @@ class AccessChecker:
     __slots__ = (
         "_deny_kube_groups",
         "_deny_kube_users",
+        "_join_modes",
         "_logins",
         "_missing",
         "_roles",
@@ -489,6 +490,11 @@ class AccessChecker:
         self.traits: TraitMap = traits or {}
         self._roles = tuple(_compile_role(r, self.traits) for r in roles)
         self._missing = tuple(missing_roles)
+        allow_join = {m for r in roles for m in r.spec.allow.join_sessions}
+        deny_join = {m for r in roles for m in r.spec.deny.join_sessions}
+        if "*" in allow_join:
+            allow_join |= {"observer", "peer"}
+        self._join_modes = frozenset() if "*" in deny_join else frozenset(allow_join - deny_join - {"*"})
         self.role_names: tuple[str, ...] = tuple(r.name for r in self._roles)
         self.options: RoleOptions = merge_options([r.spec.options for r in roles])
         denied_logins = frozenset().union(*(r.deny.logins for r in self._roles))
@@ -591,6 +597,10 @@ class AccessChecker:
         return deny, f'login "{login}", labels {detail}', ""
 
     # ------------------------------------------------------------ SSH nodes
+
+    def join_modes(self) -> frozenset[str]:
+        """How these roles may join others' live sessions: `observer`, `peer` (deny wins)."""
+        return self._join_modes
 
     def logins(self) -> list[str]:
         """Logins some role allows (after trait expansion) and none denies, sorted."""

@@ -687,6 +687,22 @@ class AuthServer:
         self.authorize(caller, "event", "list")
         return await self.audit.search(**query)
 
+    async def find_session(self, caller: Identity, sid: str) -> dict[str, Any]:
+        """Where a session runs and whether it is live, from its audit events (for `ward join`)."""
+        self.authorize(caller, "session", "read")
+        events, _ = await self.audit.search(sid=sid, types=["session.start", "session.end"], limit=10)
+        start = next((e for e in events if e["event"] == "session.start"), None)
+        if start is None:
+            raise NotFoundError(f"no session {sid}: copy the id from WARD_SESSION_ID in that session")
+        return {
+            "sid": sid,
+            "user": start.get("user", ""),
+            "login": start.get("login", ""),
+            "server_id": start.get("server_id", ""),
+            "server_hostname": start.get("server_hostname", ""),
+            "active": not any(e["event"] == "session.end" for e in events),
+        }
+
     # ------------------------------------------------------------------ recordings
 
     def _recording_path(self, sid: str) -> Path:

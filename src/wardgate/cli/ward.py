@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from wardgate import __version__, runtime
-from wardgate.cli.output import FORMATS, console, details, dump, guarded, table
+from wardgate.cli.output import FORMATS, console, details, dump, err_console, guarded, table
 from wardgate.errors import AuthenticationError, BadParameterError
 
 if TYPE_CHECKING:
@@ -366,6 +366,44 @@ def proxy_ssh(proxy_addr: str, home: str, target: str) -> None:
     profile = ProfileStore(home or None).load(proxy_addr or None).require_valid()
     t = parse_proxy_target(target, profile)
     runtime.run(proxy_stdio(profile, t.host, t.port, t.login))
+
+
+@main.command()
+@click.argument("session_id")
+@click.option(
+    "--mode",
+    type=click.Choice(["observer", "peer"]),
+    default="observer",
+    show_default=True,
+    help="observer watches; peer may also type (your roles' join_sessions decide).",
+)
+@click.option("-l", "--login", "login_opt", default="", help="Your login on that node (default: your first).")
+@PROXY_OPTION
+@guarded
+def join(session_id: str, mode: str, login_opt: str, proxy: str) -> None:
+    """Join someone's live session (its id is WARD_SESSION_ID inside it, or in the audit log)."""
+    import uuid
+
+    from wardgate.client.proxyclient import ProxyClient
+    from wardgate.client.ssh import exec_program, join_argv, split_login
+
+    try:
+        sid = str(uuid.UUID(session_id))
+    except ValueError:
+        raise BadParameterError(f"{session_id!r} is not a session id") from None
+    profile = _load(proxy)
+
+    async def find() -> dict:
+        async with ProxyClient.for_profile(profile) as c:
+            return await c.find_session(sid)
+
+    info = runtime.run(find())
+    if not info["active"]:
+        raise BadParameterError(f"session {sid} has ended: replay it with `ward play {sid}`")
+    node = info["server_hostname"] or info["server_id"]
+    login_name, node = split_login(node, login_opt, profile)
+    err_console.print(f"Joining {info['user']}'s session on {node} as {mode} (Ctrl-D or ~. to leave).")
+    exec_program(join_argv(profile, node, login_name, sid, mode))
 
 
 @main.command()

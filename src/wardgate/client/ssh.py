@@ -171,6 +171,26 @@ def exec_program(argv: list[str]) -> None:
     os.execv(path, argv)  # noqa: S606 - replacing ourselves with OpenSSH is the point
 
 
+JOIN_SUBSYSTEM = "join@wardgate"
+
+
+def join_argv(
+    profile: Profile, node: str, login: str, sid: str, mode: str, *, ward: list[str] | None = None
+) -> list[str]:
+    """`ward join`: the node's join subsystem, with the session and mode as environment."""
+    argv = ssh_argv(
+        profile,
+        node,
+        login,
+        [JOIN_SUBSYSTEM],
+        tty=1,
+        ward=ward,
+        options=[f"SetEnv=WARD_JOIN_SID={sid} WARD_JOIN_MODE={mode}"],
+    )
+    argv.insert(argv.index("--"), "-s")
+    return argv
+
+
 # ---------------------------------------------------------------- many nodes at once
 
 

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import asyncssh
 
+from wardgate.agent.ssh.join import SUBSYSTEM as JOIN_SUBSYSTEM
+from wardgate.agent.ssh.join import JoinHandler
 from wardgate.agent.ssh.proc import (
     SSH_SIGNALS,
     Child,
@@ -100,6 +102,7 @@ class NodeSession(asyncssh.SSHServerSession[bytes]):
         self.recorder: RecordingWriter | None = None
         self.live: LiveSession | None = None
         self.sftp: SftpWatcher | None = None
+        self.joiner: JoinHandler | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.started_at = time.time()
@@ -132,6 +135,9 @@ class NodeSession(asyncssh.SSHServerSession[bytes]):
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
+        if subsystem == JOIN_SUBSYSTEM:
+            self.kind = "join"
+            return True
         if subsystem != "sftp" or not self.service.options.allow_sftp:
             return False
         self.kind = "sftp"
@@ -140,6 +146,10 @@ class NodeSession(asyncssh.SSHServerSession[bytes]):
     # ------------------------------------------------------------ start
 
     def session_started(self) -> None:
+        if self.kind == "join":
+            self.joiner = JoinHandler(self)
+            self.joiner.start()
+            return
         self._started = True
         try:
             self._start()
@@ -305,6 +315,9 @@ class NodeSession(asyncssh.SSHServerSession[bytes]):
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.server.touch()
+        if self.joiner is not None:
+            self.joiner.input(data)
+            return
         self.bytes_in += len(data)
         if self.sftp is not None:
             self.sftp.client_data(data)
@@ -503,6 +516,9 @@ class NodeSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._chan_open = False
+        if self.joiner is not None:
+            self.joiner.stop()
+            return
         if not self._started:
             return
         if not self._finished:

@@ -1,0 +1,800 @@
+"""SSH benchmark: OpenSSH direct, through an OpenSSH jump host (`ssh -J`), and through Wardgate.
+
+    .venv/bin/python bench/ssh.py                          # 1 GiB bulk, 1000 echoes, 200 connections
+    .venv/bin/python bench/ssh.py --size 256M --conns 100  # quicker
+    .venv/bin/python bench/ssh.py --format json
+
+Everything is started here, on 127.0.0.1 in a temporary directory, and stopped at the end (also
+on Ctrl-C or failure): a real all-in-one `wardgate start` (auth + proxy + SSH node, one
+process), a user registered with password + TOTP and logged in with the real `ward login`, a
+throw-away OpenSSH `sshd` as the jump host (it trusts the cluster's user CA), and, for the last
+path, a second `wardgate start` whose node joined through the proxy and is reachable only over
+its reverse tunnel. The client is always the real OpenSSH `ssh` with its default algorithms,
+the user's key and Wardgate certificate, and host certificates checked against the cluster's
+host CA. Paths (`--paths`):
+
+  direct    ssh -> the Wardgate node's own listen port (no proxy)
+  jump      ssh -J root@jump-sshd -> the same node port (OpenSSH jump host; its own host key is
+            not checked: StrictHostKeyChecking=no for the jump hop only)
+  wardgate  ssh with the `ward config` block: ProxyCommand `ward proxy ssh` -> Wardgate proxy
+            (TLS, ALPN ward-ssh) -> the node port
+  tunnel    the same, to the second node: proxy -> reverse tunnel (SSH over TLS) -> edge node
+
+Measured per path:
+
+  bulk      `ssh HOST 'head -c SIZE /dev/zero'`, output counted and dropped; MiB/s, best of --runs
+            (the runs are interleaved across paths)
+  RTT       --rtts sequential 64-byte line echoes over one `ssh -T HOST cat` session; p50/p99 us
+  setup     --conns sequential `ssh HOST true`, each a new connection (ControlMaster no);
+            p50/p95/p99 ms
+  CPU       CPU seconds per GiB of bulk output, from /proc: the all-in-one wardgate process
+            (utime+stime: its proxy and its node; the `head` child is not counted), the edge
+            node process, the jump sshd (its reaped per-connection children), and the whole
+            machine (all CPUs busy time, including the clients and `head`).
+
+The machine is shared by clients, servers and proxy and is noisy: read the ratios to `ssh -J`
+in the same run, not the absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+BIN = Path(sys.executable).parent
+MiB = 1 << 20
+GiB = 1 << 30
+CLUSTER = "bench.example"
+STATIC_TOKEN = "node:static-join-token-for-bench"
+USER = "bench"
+LOGIN = "root"
+PASSWORD = "correct horse battery staple"
+TICKS = os.sysconf("SC_CLK_TCK")
+START = time.monotonic()
+ALL_PATHS = ("direct", "jump", "wardgate", "tunnel")
+LABELS = {"direct": "direct", "jump": "ssh -J", "wardgate": "wardgate", "tunnel": "wardgate tunnel"}
+HOSTS = {
+    "direct": "direct-node",
+    "jump": "jump-node",
+    "wardgate": f"main-node.{CLUSTER}",
+    "tunnel": f"edge-node.{CLUSTER}",
+}
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.monotonic() - START:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": MiB, "G": GiB}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
+
+
+# -- CPU accounting from /proc ---------------------------------------------------------------------
+
+
+def proc_cpu(pid: int, *, reaped_children: bool = False) -> float:
+    """CPU seconds of `pid` (utime+stime), or of the children it has reaped (cutime+cstime)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return ((cutime + cstime) if reaped_children else (utime + stime)) / TICKS
+
+
+def machine_busy() -> float:
+    """Busy CPU seconds of the whole machine, all CPUs (everything but idle and iowait)."""
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    guest = sum(values[8:10])  # already counted in user/nice
+    return (sum(values) - idle - guest) / TICKS
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+
+class Server:
+    """A long-running helper (wardgate, sshd) with its log in the temp dir; stopped by `stop`."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "COLUMNS": "200"},
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, ready: Any, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.output()}")
+            if ready():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name}: no {what} after {timeout:.0f}s:\n{self.output()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run(argv: list[str], *, timeout: float = 60, stdin: str | None = None) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=stdin)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+# -- the test bed --------------------------------------------------------------------------------
+
+
+@dataclass
+class Bed:
+    """Everything the paths need; `stack` stops it all."""
+
+    tmp: Path
+    stack: contextlib.ExitStack
+    main: Server | None = None
+    edge: Server | None = None
+    jump: Server | None = None
+    data_dir: Path = Path()
+    auth_port: int = 0
+    proxy_port: int = 0
+    node_port: int = 0
+    jump_port: int = 0
+    pin: str = ""
+    home: Path = Path()
+    ssh_config: Path = Path()
+    clients: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def wardctl(self, *args: str) -> str:
+        return run([str(BIN / "wardctl"), "--data-dir", str(self.data_dir), *args])
+
+    def ward(self, *args: str) -> str:
+        env = {**os.environ, "WARD_HOME": str(self.home), "COLUMNS": "200"}
+        proc = subprocess.run(
+            [str(BIN / "ward"), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"ward {' '.join(args)} failed:\n{proc.stderr}")
+        return proc.stdout
+
+    def start_main(self) -> None:
+        self.data_dir = self.tmp / "main" / "data"
+        self.auth_port, self.proxy_port, self.node_port = free_port(), free_port(), free_port()
+        config = self.tmp / "main" / "wardgate.yaml"
+        config.parent.mkdir(parents=True)
+        config.write_text(
+            f"""version: v1
+wardgate:
+  nodename: main-node
+  data_dir: {self.data_dir}
+auth_service:
+  listen_addr: 127.0.0.1:{self.auth_port}
+  cluster_name: {CLUSTER}
+  tokens: ["{STATIC_TOKEN}"]
+proxy_service:
+  listen_addr: 127.0.0.1:{self.proxy_port}
+ssh_service:
+  listen_addr: 127.0.0.1:{self.node_port}
+  labels: {{env: bench}}
+"""
+        )
+        progress(
+            f"starting wardgate (auth :{self.auth_port}, proxy :{self.proxy_port}, node :{self.node_port})"
+        )
+        self.main = Server(
+            "wardgate", [str(BIN / "wardgate"), "start", "-c", str(config)], config.parent / "wardgate.log"
+        )
+        self.stack.callback(self.main.stop)
+        ports = (self.auth_port, self.proxy_port, self.node_port)
+        self.main.wait_ready(
+            lambda: (
+                "Press Ctrl-C to stop." in self.main.output()  # type: ignore[union-attr]
+                and (self.data_dir / "admin.identity").exists()
+                and all(port_open(p) for p in ports)
+            ),
+            "readiness",
+        )
+        self.pin = json.loads(self.wardctl("status", "--format", "json"))["ca_pin"]
+
+    def add_user_and_login(self) -> None:
+        from wardgate import runtime
+        from wardgate.api.client import AuthClient
+        from wardgate.api.identityfile import server_trusting_context
+        from wardgate.auth.totp import current_code
+
+        progress(f"registering user {USER} (password + TOTP) and running `ward login`")
+        out = self.wardctl("users", "add", USER, "--roles=access", f"--logins={LOGIN}")
+        token = out.split("--invite=")[1].split()[0]
+        addr = f"127.0.0.1:{self.auth_port}"
+
+        async def register() -> str:
+            pems = await AuthClient.discover_trust(addr, ca_pin=self.pin)
+            async with AuthClient(addr, server_trusting_context(pems)) as c:
+                info = await c.begin_registration(token)
+                await c.complete_registration(token, PASSWORD, current_code(info["totp_secret"]))
+            return str(info["totp_secret"])
+
+        secret = runtime.run(register())
+        import pexpect  # a dev dependency (the e2e tests use it too)
+
+        self.home = self.tmp / "ward-home"
+        child = pexpect.spawn(
+            str(BIN / "ward"),
+            ["login", f"--proxy=127.0.0.1:{self.proxy_port}", f"--user={USER}", f"--ca-pin={self.pin}"],
+            env={**os.environ, "WARD_HOME": str(self.home), "COLUMNS": "200"},
+            encoding="utf-8",
+            timeout=30,
+        )
+        try:
+            child.expect(f"Password for {USER}")
+            child.sendline(PASSWORD)
+            child.expect("One-time code")
+            # Registration spent the current 30 s step; the next one is inside the ±1 window.
+            child.sendline(current_code(secret, time.time() + 30))
+            child.expect(pexpect.EOF)
+        finally:
+            child.close()
+        if child.exitstatus != 0:
+            raise RuntimeError(f"ward login failed:\n{child.before}")
+
+    def start_jump(self) -> None:
+        jdir = self.tmp / "jump"
+        jdir.mkdir()
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(jdir / "host_ed25519")])
+        (jdir / "user_ca.pub").write_text(self.wardctl("auth", "export", "--type=user"))
+        self.jump_port = free_port()
+        cfg = jdir / "sshd_config"
+        cfg.write_text(
+            f"""ListenAddress 127.0.0.1:{self.jump_port}
+HostKey {jdir / "host_ed25519"}
+PidFile {jdir / "sshd.pid"}
+TrustedUserCAKeys {jdir / "user_ca.pub"}
+AuthorizedKeysFile none
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UsePAM no
+StrictModes no
+AllowTcpForwarding yes
+X11Forwarding no
+PrintMotd no
+UseDNS no
+LogLevel ERROR
+"""
+        )
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        progress(f"starting OpenSSH jump host ({sshd}) on :{self.jump_port}")
+        self.jump = Server("sshd", [sshd, "-D", "-e", "-f", str(cfg)], jdir / "sshd.log")
+        self.stack.callback(self.jump.stop)
+        self.jump.wait_ready(lambda: port_open(self.jump_port), "listening port")
+
+    def start_edge(self) -> None:
+        edir = self.tmp / "edge"
+        edir.mkdir()
+        config = edir / "wardgate.yaml"
+        config.write_text(
+            f"""version: v1
+wardgate:
+  nodename: edge-node
+  data_dir: {edir / "data"}
+  proxy_server: 127.0.0.1:{self.proxy_port}
+  auth_token: {STATIC_TOKEN.split(":", 1)[1]}
+  ca_pin: ["{self.pin}"]
+auth_service:
+  enabled: false
+proxy_service:
+  enabled: false
+ssh_service:
+  listen_addr: 127.0.0.1:0
+  labels: {{env: edge}}
+"""
+        )
+        progress("starting the edge node (joins through the proxy, reverse tunnel only)")
+        self.edge = Server(
+            "wardgate edge", [str(BIN / "wardgate"), "start", "-c", str(config)], edir / "wardgate.log"
+        )
+        self.stack.callback(self.edge.stop)
+        self.edge.wait_ready(lambda: "reverse tunnel to" in self.edge.output(), "tunnel")  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
+        while "edge-node" not in self.ward("ls", "env=edge"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the edge node never showed up in `ward ls`")
+            time.sleep(0.3)
+
+    def write_ssh_config(self) -> None:
+        """One ssh_config for all paths (first match wins, so specific blocks come first)."""
+        from wardgate.client.profile import ProfileStore
+
+        profile = ProfileStore(self.home).load(f"127.0.0.1:{self.proxy_port}")
+        known_hosts = self.tmp / "known_hosts"
+        known_hosts.write_text(self.wardctl("auth", "export", "--type=host"))  # @cert-authority * ...
+        ward_block = self.ward("config")
+
+        def q(path: Path) -> str:
+            return '"' + str(path) + '"'
+
+        self.ssh_config = self.tmp / "ssh_config"
+        self.ssh_config.write_text(
+            f"""# generated by bench/ssh.py
+Host jump-sshd
+    HostName 127.0.0.1
+    Port {self.jump_port}
+    # the throw-away jump host's own key is not pinned; the node behind it is checked (CA)
+    StrictHostKeyChecking no
+    UserKnownHostsFile /dev/null
+Host direct-node
+    HostName 127.0.0.1
+    Port {self.node_port}
+    ProxyCommand none
+Host jump-node
+    HostName 127.0.0.1
+    Port {self.node_port}
+    ProxyJump jump-sshd
+
+{ward_block}
+Host *
+    User {LOGIN}
+    IdentityFile {q(profile.key_path)}
+    CertificateFile {q(profile.cert_path)}
+    IdentitiesOnly yes
+    UserKnownHostsFile {q(known_hosts)}
+    GlobalKnownHostsFile /dev/null
+    StrictHostKeyChecking yes
+    BatchMode yes
+    ControlMaster no
+    ControlPath none
+    LogLevel ERROR
+"""
+        )
+
+    def kill_clients(self) -> None:
+        for p in self.clients:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        self.clients.clear()
+
+
+# -- measurements --------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    path: str
+    label: str
+    cipher: str = ""
+    mib_s: float = 0.0
+    bulk_seconds: list[float] = field(default_factory=list)
+    cpu_per_gib: dict[str, float] = field(default_factory=dict)
+    """Of the fastest run: wardgate (all-in-one), edge, sshd (jump), machine (all CPUs)."""
+    rtt_p50_us: float = 0.0
+    rtt_p99_us: float = 0.0
+    setup_p50_ms: float = 0.0
+    setup_p95_ms: float = 0.0
+    setup_p99_ms: float = 0.0
+
+    @property
+    def proxy_cpu(self) -> float | None:
+        """The proxy hop's process: jump sshd, or the all-in-one wardgate (node included on
+        `wardgate`, proxy only on `tunnel`)."""
+        key = {"jump": "sshd", "wardgate": "wardgate", "tunnel": "wardgate"}.get(self.path)
+        return self.cpu_per_gib.get(key) if key else None
+
+
+class Bench:
+    def __init__(self, bed: Bed, args: argparse.Namespace) -> None:
+        self.bed = bed
+        self.args = args
+
+    def ssh(self, path: str, *extra: str) -> list[str]:
+        return ["ssh", "-F", str(self.bed.ssh_config), *extra[:-1], HOSTS[path], *extra[-1:]]
+
+    def popen(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(argv, **kw)
+        self.bed.clients.append(p)
+        return p
+
+    def finish(self, p: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+        try:
+            rc = p.wait(timeout)
+        finally:
+            self.bed.clients.remove(p)
+        if rc != 0:
+            err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+            raise RuntimeError(f"{what} failed with exit status {rc}: {err.strip()}")
+
+    def check(self, path: str) -> str:
+        """One connection with -v: that the path works, and the cipher it negotiates."""
+        proc = subprocess.run(
+            self.ssh(path, "-v", "-o", "LogLevel=DEBUG1", "echo ok"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        if proc.returncode != 0 or proc.stdout.strip() != "ok":
+            raise RuntimeError(f"path {path}: `ssh {HOSTS[path]} echo ok` failed:\n{proc.stderr[-3000:]}")
+        ciphers = re.findall(r"kex: server->client cipher: (\S+)", proc.stderr)
+        return " + ".join(dict.fromkeys(ciphers))
+
+    def processes(self, path: str) -> dict[str, tuple[int, bool]]:
+        """name -> (pid, reaped_children) whose CPU the bulk runs account."""
+        bed = self.bed
+        assert bed.main is not None
+        procs = {"wardgate": (bed.main.pid, False)}
+        if path == "jump" and bed.jump is not None:
+            procs["sshd"] = (bed.jump.pid, True)
+        if path == "tunnel" and bed.edge is not None:
+            procs["edge"] = (bed.edge.pid, False)
+        return procs
+
+    def cpu_snapshot(self, path: str) -> dict[str, float]:
+        snap = {name: proc_cpu(pid, reaped_children=r) for name, (pid, r) in self.processes(path).items()}
+        snap["machine"] = machine_busy()
+        return snap
+
+    def bulk(self, path: str) -> tuple[float, dict[str, float]]:
+        size = self.args.size
+        before = self.cpu_snapshot(path)
+        start = time.perf_counter()
+        p = self.popen(
+            self.ssh(path, f"head -c {size} /dev/zero"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert p.stdout is not None
+        fd = p.stdout.fileno()
+        with contextlib.suppress(OSError):  # bigger pipe: fewer wake-ups for the reader
+            import fcntl
+
+            fcntl.fcntl(fd, 1031, MiB)  # F_SETPIPE_SZ
+        buf = bytearray(MiB)
+        got = 0
+        while n := p.stdout.readinto(buf):  # type: ignore[attr-defined]
+            got += n
+        self.finish(p, f"bulk over {path}")
+        seconds = time.perf_counter() - start
+        if got != size:
+            raise RuntimeError(f"bulk over {path}: got {got} bytes, expected {size}")
+        time.sleep(0.3)  # let sshd reap its per-connection children
+        after = self.cpu_snapshot(path)
+        gib = size / GiB
+        return seconds, {k: (after[k] - before[k]) / gib for k in before}
+
+    def round_trips(self, path: str) -> list[float]:
+        p = self.popen(
+            self.ssh(path, "-T", "cat"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+        )
+        assert p.stdin is not None and p.stdout is not None
+        wfd, rfd = p.stdin.fileno(), p.stdout.fileno()
+        msg = os.urandom(31).hex().encode() + b"\n"  # 64 bytes, one line
+
+        def once() -> None:
+            os.write(wfd, msg)
+            got = b""
+            while len(got) < len(msg):
+                chunk = os.read(rfd, 4096)
+                if not chunk:
+                    raise RuntimeError(f"echo session over {path} closed early")
+                got += chunk
+            if got != msg:
+                raise RuntimeError(f"echo over {path} returned {got!r}")
+
+        for _ in range(20):  # warm up (and wait for the session to be up)
+            once()
+        times: list[float] = []
+        for _ in range(self.args.rtts):
+            t = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - t)
+        p.stdin.close()
+        self.finish(p, f"echo session over {path}")
+        return sorted(times)
+
+    def setups(self, path: str) -> list[float]:
+        times: list[float] = []
+        argv = self.ssh(path, "true")
+        step = max(1, self.args.conns // 4)
+        for i in range(self.args.conns):
+            t = time.perf_counter()
+            p = self.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self.finish(p, f"`ssh {HOSTS[path]} true`")
+            times.append(time.perf_counter() - t)
+            if (i + 1) % step == 0 and i + 1 < self.args.conns:
+                progress(f"  setup {LABELS[path]}: {i + 1}/{self.args.conns}")
+        return sorted(times)
+
+    def run(self, paths: list[str]) -> list[Result]:
+        args = self.args
+        results = {p: Result(p, LABELS[p]) for p in paths}
+        for p in paths:
+            results[p].cipher = self.check(p)
+            progress(f"{LABELS[p]} works (cipher {results[p].cipher})")
+        for run_no in range(1, args.runs + 1):
+            for p in paths:
+                progress(f"bulk {args.size / MiB:.0f} MiB over {LABELS[p]} (run {run_no}/{args.runs})")
+                secs, cpu = self.bulk(p)
+                r = results[p]
+                r.bulk_seconds.append(secs)
+                if secs <= min(r.bulk_seconds):
+                    r.mib_s, r.cpu_per_gib = args.size / MiB / secs, cpu
+                progress(f"  {args.size / MiB / secs:.0f} MiB/s")
+        for p in paths:
+            progress(f"{args.rtts} round trips over {LABELS[p]}")
+            rtts = self.round_trips(p)
+            results[p].rtt_p50_us = statistics.median(rtts) * 1e6
+            results[p].rtt_p99_us = percentile(rtts, 0.99) * 1e6
+        for p in paths:
+            progress(f"{args.conns} new connections over {LABELS[p]}")
+            ts = self.setups(p)
+            r = results[p]
+            r.setup_p50_ms = statistics.median(ts) * 1e3
+            r.setup_p95_ms = percentile(ts, 0.95) * 1e3
+            r.setup_p99_ms = percentile(ts, 0.99) * 1e3
+        return list(results.values())
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+
+def ratio(value: float, base: float | None) -> str:
+    return "-" if not base else f"{value / base:.2f}"
+
+
+def render(cells: list[list[str]], left: int = 1) -> list[str]:
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def ratios(results: list[Result]) -> dict[str, dict[str, float]]:
+    """Each path against `ssh -J`: throughput (higher is better), latencies (lower is better)."""
+    base = next((r for r in results if r.path == "jump"), None)
+    if base is None:
+        return {}
+    return {
+        r.path: {
+            "throughput": r.mib_s / base.mib_s,
+            "rtt_p50": r.rtt_p50_us / base.rtt_p50_us,
+            "rtt_p99": r.rtt_p99_us / base.rtt_p99_us,
+            "setup_p50": r.setup_p50_ms / base.setup_p50_ms,
+            "setup_p99": r.setup_p99_ms / base.setup_p99_ms,
+        }
+        for r in results
+    }
+
+
+def report(results: list[Result], meta: dict[str, Any]) -> str:
+    base = next((r for r in results if r.path == "jump"), None)
+    b_mib = base.mib_s if base else None
+    b_p99 = base.rtt_p99_us if base else None
+    b_setup = base.setup_p50_ms if base else None
+    head = [
+        "path",
+        "MiB/s",
+        "x ssh -J",
+        "RTT p50 us",
+        "p99 us",
+        "x ssh -J",
+        "setup p50/p95/p99 ms",
+        "x ssh -J",
+        "proxy CPU-s/GiB",
+    ]
+    rows = [head]
+    for r in results:
+        cpu = r.proxy_cpu
+        rows.append(
+            [
+                r.label,
+                f"{r.mib_s:.0f}",
+                ratio(r.mib_s, b_mib),
+                f"{r.rtt_p50_us:.0f}",
+                f"{r.rtt_p99_us:.0f}",
+                ratio(r.rtt_p99_us, b_p99),
+                f"{r.setup_p50_ms:.1f} / {r.setup_p95_ms:.1f} / {r.setup_p99_ms:.1f}",
+                ratio(r.setup_p50_ms, b_setup),
+                "-" if cpu is None else f"{cpu:.2f}" + ("*" if r.path == "wardgate" else ""),
+            ]
+        )
+    out = [
+        f"bulk {meta['size_mib']:.0f} MiB of `head -c` output (best of {meta['runs']}),"
+        f" {meta['rtts']} x 64-byte echoes over one session, {meta['conns']} new connections per path",
+        f"{meta['openssh']}, python {meta['python']}, {meta['cpus']} CPUs shared by clients, servers and"
+        f" proxy, {meta['when']}",
+        "cipher(s): " + "; ".join(f"{r.label}: {r.cipher}" for r in results),
+        "",
+        *render(rows),
+        "",
+        "proxy CPU: ssh -J = the jump sshd; wardgate = the all-in-one process (*: its node too);",
+        "wardgate tunnel = the all-in-one process (auth+proxy; the edge node is separate, below).",
+        "",
+        "CPU seconds per GiB of the fastest bulk run, by process:",
+    ]
+    cpu_rows = [["path", "wardgate all-in-one", "edge node", "jump sshd", "whole machine", "machine busy"]]
+    for r in results:
+        c = r.cpu_per_gib
+        secs = meta["size_mib"] / r.mib_s if r.mib_s else 0.0
+        busy = c["machine"] * (meta["size_mib"] / 1024) / secs if secs else 0.0
+        role = {"direct": " (node)", "jump": " (node)", "wardgate": " (proxy+node)", "tunnel": " (proxy)"}[
+            r.path
+        ]
+        cpu_rows.append(
+            [
+                r.label,
+                f"{c['wardgate']:.2f}{role}",
+                f"{c['edge']:.2f}" if "edge" in c else "-",
+                f"{c['sshd']:.2f}" if "sshd" in c else "-",
+                f"{c['machine']:.2f}",
+                f"{busy:.2f} of {meta['cpus']} CPUs",
+            ]
+        )
+    out += render(cpu_rows)
+    rs = ratios(results)
+    if rs:
+        out += ["", "Against ssh -J in this run (throughput: higher is better; latencies: lower is better):"]
+        for r in results:
+            if r.path == "jump":
+                continue
+            x = rs[r.path]
+            out.append(
+                f"  {r.label:<16} throughput {x['throughput']:.2f}x  RTT p50 {x['rtt_p50']:.2f}x"
+                f"  p99 {x['rtt_p99']:.2f}x  setup p50 {x['setup_p50']:.2f}x  p99 {x['setup_p99']:.2f}x"
+            )
+        for r in results:
+            if r.path in ("wardgate", "tunnel"):
+                x = rs[r.path]
+                met = x["throughput"] >= 1.0 and x["rtt_p99"] <= 1.0
+                out.append(
+                    f"  target (throughput >= ssh -J and RTT p99 <= ssh -J) for {r.label}: "
+                    + ("met" if met else "NOT met")
+                )
+    return "\n".join(out)
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--size", type=parse_size, default=GiB, help="bulk bytes per run (e.g. 256M, 1G; default 1G)"
+    )
+    ap.add_argument("--runs", type=int, default=2, help="bulk runs per path, the fastest counts (default 2)")
+    ap.add_argument("--rtts", type=int, default=1000, help="echo round trips per path (default 1000)")
+    ap.add_argument("--conns", type=int, default=200, help="new connections per path (default 200)")
+    ap.add_argument(
+        "--paths",
+        default=",".join(ALL_PATHS),
+        help=f"comma-separated subset of {','.join(ALL_PATHS)} (default all)",
+    )
+    ap.add_argument("--format", choices=["text", "json"], default="text", help="result format on stdout")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the temp dir (configs, logs) and print its path"
+    )
+    args = ap.parse_args()
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if bad := [p for p in paths if p not in ALL_PATHS]:
+        ap.error(f"unknown path(s) {', '.join(bad)}; choose from {', '.join(ALL_PATHS)}")
+    if args.size < 1 or args.runs < 1 or args.rtts < 1 or args.conns < 1:
+        ap.error("--size, --runs, --rtts and --conns must be positive")
+    for tool in ("ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            ap.error(f"{tool} (OpenSSH) is not installed")
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    tmp = Path(tempfile.mkdtemp(prefix="wardgate-bench-ssh-"))
+    results: list[Result] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            bed = Bed(tmp, stack)
+            stack.callback(bed.kill_clients)  # runs first: clients before servers
+            bed.start_main()
+            bed.add_user_and_login()
+            if "jump" in paths:
+                bed.start_jump()
+            if "tunnel" in paths:
+                bed.start_edge()
+            bed.write_ssh_config()
+            results = Bench(bed, args).run(paths)
+            progress("stopping")
+    except KeyboardInterrupt:
+        progress("interrupted: everything started has been stopped")
+        sys.exit(130)
+    finally:
+        if args.keep:
+            progress(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    openssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip().split(",")[0]
+    meta = {
+        "size_mib": args.size / MiB,
+        "runs": args.runs,
+        "rtts": args.rtts,
+        "conns": args.conns,
+        "openssh": openssh,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    if args.format == "json":
+        body = {"meta": meta, "results": [asdict(r) for r in results], "ratios_to_ssh_j": ratios(results)}
+        print(json.dumps(body, indent=2))
+    else:
+        print(report(results, meta))
+
+
+if __name__ == "__main__":
+    main()
