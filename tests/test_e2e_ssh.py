@@ -280,6 +280,19 @@ ssh_service:
         assert out.stdout.strip() == "through-the-tunnel"
         joins = [e for e in audit(cluster.data_dir, "--type", "join") if e["user"] == "edge-node"]
         assert joins and joins[0]["success"]
+
+        # The proxy restarts: the agent reconnects by itself and new sessions work again.
+        cluster.stop()
+        cluster.start()
+        deadline = time.monotonic() + 60
+        again = None
+        while time.monotonic() < deadline:
+            again = ward(alice, "ssh", "root@edge-node", "echo", "after-restart")
+            if again.returncode == 0:
+                break
+            time.sleep(0.5)
+        assert again is not None and again.stdout.strip() == "after-restart", again and again.stderr
+        assert "retrying" in edge.output() or "reconnect" in edge.output().lower()
     finally:
         edge.stop()
 
@@ -392,3 +405,16 @@ def test_join_a_live_session_as_observer(
     assert any(e["user"] == "frank" and not e["success"] for e in joins)
     ends = [e for e in audit(cluster.data_dir, "--type", "session.end") if e.get("sid") == sid]
     assert ends and "erin" in ends[0]["participants"]
+
+
+def test_ward_scp_both_ways(cluster: SSHCluster, alice: Path, tmp_path: Path) -> None:
+    src = tmp_path / "up.bin"
+    src.write_bytes(os.urandom(200_000))
+    remote = f"/tmp/ward-scp-{os.getpid()}.bin"
+    up = ward(alice, "scp", str(src), f"root@main-node:{remote}")
+    assert up.returncode == 0, up.stderr
+    down = tmp_path / "down.bin"
+    back = ward(alice, "scp", f"root@main-node:{remote}", str(down))
+    assert back.returncode == 0, back.stderr
+    assert down.read_bytes() == src.read_bytes()
+    ward(alice, "ssh", "root@main-node", "rm", "-f", remote)
