@@ -54,7 +54,8 @@ async def test_invite_register_login_issues_working_certs(auth: AuthServer, cloc
     assert set(certs.identity.logins) == {"root", "ubuntu"}
     assert certs.ttl == timedelta(hours=12)
     ident = verify_tls_identity(certs.tls_cert, auth.ca_certs("user"), now=auth.now())
-    assert ident.user == "alice" and ident.roles == ("access",) and ident.mfa_verified == "otp"
+    assert ident.user == "alice" and ident.roles == ("access",)
+    assert ident.mfa_verified == "", "login-time MFA must not count as per-session MFA"
     ssh_ident = verify_ssh_user_cert(certs.ssh_cert, auth.ca_ssh_keys("user"), now=auth.now())
     assert set(ssh_ident.logins) == {"root", "ubuntu"}
     logins = await events(auth, "user.login")

@@ -279,13 +279,13 @@ class AuthServer:
         remote_addr: str = "",
     ) -> UserCerts:
         user = await self.users.authenticate(username, password, otp, remote_addr=remote_addr)
-        mfa = "otp" if self.cfg.prefs.otp_required else ""
+        # No mfa_verified here: login-time MFA must not satisfy require_session_mfa, which means
+        # a fresh second factor for each session (a per-session certificate).
         return await self.issue_user_certs(
             user,
             ssh_public_key=ssh_public_key,
             tls_public_key=tls_public_key,
             ttl=ttl,
-            mfa_device=mfa,
             by=username,
         )
 
