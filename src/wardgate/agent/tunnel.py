@@ -54,6 +54,7 @@ from wardgate.protocols.tunnel import (
     format_client_addr,
     parse_client_addr,
 )
+from wardgate.streams import HeldStream, hand_over
 
 __all__ = [
     "CHANNEL_MAX_PKTSIZE",
@@ -77,42 +78,6 @@ writer are asyncssh's `SSHReader`/`SSHWriter` (the asyncio stream API, `write_eo
 The channel is closed when the coroutine returns."""
 
 
-class _Hold(asyncio.Protocol):
-    """Holds a fresh TLS stream (paused, early bytes kept) while we check who answered."""
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.eof = False
-        self.lost = False
-        self.exc: Exception | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.pause_reading()  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        self.data.append(bytes(data))
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost, self.exc = True, exc
-
-    def hand_over(self, transport: asyncio.Transport, protocol: asyncio.Protocol) -> None:
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        if self.data:
-            protocol.data_received(b"".join(self.data))
-            self.data.clear()
-        if self.eof:
-            protocol.eof_received()
-        if self.lost:
-            protocol.connection_lost(self.exc)
-        elif not self.eof:
-            transport.resume_reading()
-
-
 class _TLSDialer:
     """The `tunnel=` object asyncssh dials through: a TLS connection with ALPN `ward-tunnel`,
     checked (ALPN, proxy identity) before SSH starts on it."""
@@ -125,7 +90,7 @@ class _TLSDialer:
     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
         agent = self.agent
         loop = asyncio.get_running_loop()
-        hold = _Hold()
+        hold = HeldStream()
         transport, _ = await loop.create_connection(
             lambda: hold,
             host,
@@ -141,7 +106,7 @@ class _TLSDialer:
             raise
         session = session_factory()
         agent._transport = transport
-        hold.hand_over(transport, session)  # type: ignore[arg-type]
+        hand_over(hold, session)  # type: ignore[arg-type]
         return transport, session  # type: ignore[return-value]
 
 

@@ -39,6 +39,7 @@ from wardgate.protocols.errors import ProtocolError
 from wardgate.protocols.ping import KEEPALIVE, PingDecoder, encode
 from wardgate.protocols.tls import MAX_CLIENT_HELLO, ClientHello, NeedMore, parse_client_hello
 from wardgate.proxy.relay import DEFAULT_BUFFER_SIZE, Relay, RelayStats, Tap, dial_and_relay
+from wardgate.streams import HeldStream, deliver, hand_over
 
 log = logging.getLogger(__name__)
 
@@ -79,79 +80,6 @@ def server_context(
 
 
 # -- holding a connection until its handler takes it ------------------------------------------
-
-
-class _Hold(asyncio.Protocol):
-    """Owns a stream between the handshake and the handler: paused, early bytes kept."""
-
-    def __init__(self) -> None:
-        self.transport: Any = None
-        self.data: list[bytes] = []
-        self.eof = False
-        self.lost = False
-        self.exc: Exception | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        transport.pause_reading()  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        self.data.append(bytes(data))
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.exc = exc
-
-    def take_data(self) -> bytes:
-        data = b"".join(self.data)
-        self.data.clear()
-        return data
-
-
-def _deliver(
-    protocol: asyncio.BaseProtocol, data: bytes, paused: Callable[[], bool] = lambda: False
-) -> bytes:
-    """Give bytes to a protocol of either kind, as a transport would; returns what is left
-    undelivered because the protocol paused reading part way (buffered protocols only)."""
-    if not isinstance(protocol, asyncio.BufferedProtocol):
-        protocol.data_received(data)  # type: ignore[attr-defined]
-        return b""
-    mv = memoryview(data)
-    while mv:
-        buf = memoryview(protocol.get_buffer(len(mv))).cast("B")
-        n = min(len(buf), len(mv))
-        if n == 0:
-            raise RuntimeError("protocol.get_buffer() returned an empty buffer")
-        buf[:n] = mv[:n]
-        protocol.buffer_updated(n)
-        mv = mv[n:]
-        if mv and paused():
-            return bytes(mv)
-    return b""
-
-
-def _hand_over(hold: _Hold, protocol: asyncio.BaseProtocol) -> None:
-    """Move a held stream to `protocol`, replaying what the hold saw, then let it read.
-
-    The early bytes are at most one TLS read (the hold paused at once), and are given in full:
-    a buffered protocol may see them even if it pauses part way.
-    """
-    transport = hold.transport
-    transport.set_protocol(protocol)
-    protocol.connection_made(transport)
-    data = hold.take_data()
-    if data:
-        _deliver(protocol, data)
-    if hold.eof:
-        protocol.eof_received()  # type: ignore[attr-defined]
-    if hold.lost:
-        protocol.connection_lost(hold.exc)
-    elif not hold.eof:
-        transport.resume_reading()
 
 
 # -- the -ping variant ------------------------------------------------------------------------
@@ -214,7 +142,7 @@ class PingTransport(asyncio.Transport):
     def _flush(self) -> None:
         self._flush_handle = None
         while self._pending and not self._paused:
-            rest = _deliver(self._protocol, self._pending.popleft(), lambda: self._paused)
+            rest = deliver(self._protocol, self._pending.popleft(), lambda: self._paused)
             if rest:
                 self._pending.appendleft(rest)
         if self._eof and not self._pending and not self._paused:
@@ -344,7 +272,7 @@ class TLSConnection:
     def __init__(
         self,
         *,
-        hold: _Hold,
+        hold: HeldStream,
         route: str,
         alpn: str | None,
         negotiated_alpn: str | None,
@@ -388,7 +316,7 @@ class TLSConnection:
         """Give the stream to an asyncio protocol (plain or buffered), e.g. `web.Server()()`
         for aiohttp. Bytes that arrived early are replayed to it first."""
         self._take()
-        _hand_over(self._hold, protocol)
+        hand_over(self._hold, protocol)
 
     def detach(self) -> Detached:
         """Take the raw stream for your own relay; raises if the client already went away."""
@@ -639,7 +567,7 @@ class TLSRouter:
         if passthrough is not None:
             await self._pass_through(sock, addr, passthrough)
             return
-        hold = _Hold()
+        hold = HeldStream()
         remaining = deadline - loop.time()
         if remaining <= 0:
             self.stats["handshake_timeout"] += 1
@@ -716,10 +644,10 @@ class TLSRouter:
             relay.abort()
             raise
 
-    def _wrap_ping(self, hold: _Hold) -> _Hold:
+    def _wrap_ping(self, hold: HeldStream) -> HeldStream:
         """Put the ping framing between the TLS stream and a fresh hold, replaying early bytes."""
         pt = PingTransport(hold.transport, interval=self.ping_interval)
-        inner = _Hold()
+        inner = HeldStream()
         pt.set_protocol(inner)
         inner.connection_made(pt)
         data = hold.take_data()
