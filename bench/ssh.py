@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -118,9 +119,7 @@ def proc_cpu(pid: int, *, reaped_children: bool = False) -> float:
 def machine_busy() -> float:
     """Busy CPU seconds of the whole machine, all CPUs (everything but idle and iowait)."""
     values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    guest = sum(values[8:10])  # already counted in user/nice
-    return (sum(values) - idle - guest) / TICKS
+    return sum(values[:3] + values[5:7]) / TICKS  # user nice system irq softirq (not idle/iowait/steal)
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -129,7 +128,7 @@ def machine_busy() -> float:
 class Server:
     """A long-running helper (wardgate, sshd) with its log in the temp dir; stopped by `stop`."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.log_path = log_path
         with open(log_path, "ab") as log:
@@ -138,7 +137,7 @@ class Server:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "COLUMNS": "200"},
+                env={**os.environ, "COLUMNS": "200", **(env or {})},
             )
 
     @property
@@ -195,6 +194,8 @@ class Bed:
     pin: str = ""
     home: Path = Path()
     ssh_config: Path = Path()
+    server_env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for the wardgate processes (--malloc-tuning)."""
     clients: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def wardctl(self, *args: str) -> str:
@@ -239,7 +240,10 @@ ssh_service:
             f"starting wardgate (auth :{self.auth_port}, proxy :{self.proxy_port}, node :{self.node_port})"
         )
         self.main = Server(
-            "wardgate", [str(BIN / "wardgate"), "start", "-c", str(config)], config.parent / "wardgate.log"
+            "wardgate",
+            [str(BIN / "wardgate"), "start", "-c", str(config)],
+            config.parent / "wardgate.log",
+            self.server_env,
         )
         self.stack.callback(self.main.stop)
         ports = (self.auth_port, self.proxy_port, self.node_port)
@@ -349,7 +353,10 @@ ssh_service:
         )
         progress("starting the edge node (joins through the proxy, reverse tunnel only)")
         self.edge = Server(
-            "wardgate edge", [str(BIN / "wardgate"), "start", "-c", str(config)], edir / "wardgate.log"
+            "wardgate edge",
+            [str(BIN / "wardgate"), "start", "-c", str(config)],
+            edir / "wardgate.log",
+            self.server_env,
         )
         self.stack.callback(self.edge.stop)
         self.edge.wait_ready(lambda: "reverse tunnel to" in self.edge.output(), "tunnel")  # type: ignore[union-attr]
@@ -405,6 +412,30 @@ Host *
 """
         )
 
+    def reap_orphans(self) -> None:
+        """Wait for what the clients left behind (ProxyCommand, `ssh -W`): ssh exits without
+        reaping them, and as child subreaper we inherit them, so their CPU reaches our
+        RUSAGE_CHILDREN like the ssh client's own."""
+        ours = {s.pid for s in (self.main, self.edge, self.jump) if s is not None}
+        ours |= {p.pid for p in self.clients}
+        me = str(os.getpid())
+        deadline = time.monotonic() + 10
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) in ours:
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if stat[stat.rindex(")") + 2 :].split()[1] != me:
+                continue
+            pid = int(entry.name)
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    if time.monotonic() > deadline:
+                        os.kill(pid, signal.SIGKILL)
+                    time.sleep(0.01)
+
     def kill_clients(self) -> None:
         for p in self.clients:
             if p.poll() is None:
@@ -452,12 +483,13 @@ class Bench:
         self.bed.clients.append(p)
         return p
 
-    def finish(self, p: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+    def finish(self, p: subprocess.Popen[bytes], what: str, timeout: float = 60, check: bool = True) -> None:
         try:
             rc = p.wait(timeout)
         finally:
             self.bed.clients.remove(p)
-        if rc != 0:
+            self.bed.reap_orphans()
+        if check and rc != 0:
             err = p.stderr.read().decode(errors="replace") if p.stderr else ""
             raise RuntimeError(f"{what} failed with exit status {rc}: {err.strip()}")
 
@@ -484,11 +516,17 @@ class Bench:
             procs["sshd"] = (bed.jump.pid, True)
         if path == "tunnel" and bed.edge is not None:
             procs["edge"] = (bed.edge.pid, False)
+            procs["command"] = (bed.edge.pid, True)  # `head`, reaped by the node that ran it
+        else:
+            procs["command"] = (bed.main.pid, True)
         return procs
 
     def cpu_snapshot(self, path: str) -> dict[str, float]:
         snap = {name: proc_cpu(pid, reaped_children=r) for name, (pid, r) in self.processes(path).items()}
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        snap["client"] = ru.ru_utime + ru.ru_stime  # ssh + its ProxyCommand / `ssh -W` (reaped)
         snap["machine"] = machine_busy()
+        snap["wall"] = time.monotonic()
         return snap
 
     def bulk(self, path: str) -> tuple[float, dict[str, float]]:
@@ -515,14 +553,24 @@ class Bench:
         seconds = time.perf_counter() - start
         if got != size:
             raise RuntimeError(f"bulk over {path}: got {got} bytes, expected {size}")
-        time.sleep(0.3)  # let sshd reap its per-connection children
+        time.sleep(0.3)  # let sshd and the node reap their per-connection children
         after = self.cpu_snapshot(path)
         gib = size / GiB
-        return seconds, {k: (after[k] - before[k]) / gib for k in before}
+        cpu = {k: (after[k] - before[k]) / gib for k in before if k != "wall"}
+        cpu["ours"] = sum(v for k, v in cpu.items() if k != "machine")
+        cpu["other"] = max(0.0, cpu["machine"] - cpu["ours"])
+        cpu["busy_cpus"] = (after["machine"] - before["machine"]) / (after["wall"] - before["wall"])
+        return seconds, cpu
 
     def round_trips(self, path: str) -> list[float]:
+        tty = self.args.tty
+        argv = (
+            self.ssh(path, "-tt", "stty raw -echo; echo READY; exec cat")
+            if tty
+            else self.ssh(path, "-T", "cat")
+        )
         p = self.popen(
-            self.ssh(path, "-T", "cat"),
+            argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -543,6 +591,12 @@ class Bench:
             if got != msg:
                 raise RuntimeError(f"echo over {path} returned {got!r}")
 
+        if tty:  # the PTY echoes until stty has run: start after its marker
+            seen = b""
+            while b"READY\n" not in seen:
+                if not (chunk := os.read(rfd, 4096)):
+                    raise RuntimeError(f"PTY session over {path} closed early")
+                seen += chunk
         for _ in range(20):  # warm up (and wait for the session to be up)
             once()
         times: list[float] = []
@@ -551,7 +605,9 @@ class Bench:
             once()
             times.append(time.perf_counter() - t)
         p.stdin.close()
-        self.finish(p, f"echo session over {path}")
+        if tty:  # a raw PTY does not turn our EOF into cat's: hang up instead
+            p.terminate()
+        self.finish(p, f"echo session over {path}", check=not tty)
         return sorted(times)
 
     def setups(self, path: str) -> list[float]:
@@ -638,17 +694,8 @@ def report(results: list[Result], meta: dict[str, Any]) -> str:
     b_mib = base.mib_s if base else None
     b_p99 = base.rtt_p99_us if base else None
     b_setup = base.setup_p50_ms if base else None
-    head = [
-        "path",
-        "MiB/s",
-        "x ssh -J",
-        "RTT p50 us",
-        "p99 us",
-        "x ssh -J",
-        "setup p50/p95/p99 ms",
-        "x ssh -J",
-        "proxy CPU-s/GiB",
-    ]
+    head = ["path", "MiB/s", "x ssh -J", "RTT p50 us", "p99 us", "x ssh -J"]
+    head += ["setup p50/p95/p99 ms", "x ssh -J", "proxy CPU-s/GiB"]
     rows = [head]
     for r in results:
         cpu = r.proxy_cpu
@@ -660,44 +707,62 @@ def report(results: list[Result], meta: dict[str, Any]) -> str:
                 f"{r.rtt_p50_us:.0f}",
                 f"{r.rtt_p99_us:.0f}",
                 ratio(r.rtt_p99_us, b_p99),
-                f"{r.setup_p50_ms:.1f} / {r.setup_p95_ms:.1f} / {r.setup_p99_ms:.1f}",
+                f"{r.setup_p50_ms:.0f} / {r.setup_p95_ms:.0f} / {r.setup_p99_ms:.0f}",
                 ratio(r.setup_p50_ms, b_setup),
                 "-" if cpu is None else f"{cpu:.2f}" + ("*" if r.path == "wardgate" else ""),
             ]
         )
+    session = "one `ssh -tt` PTY session (raw, cat)" if meta["tty"] else "one `ssh -T HOST cat` session"
     out = [
-        f"bulk {meta['size_mib']:.0f} MiB of `head -c` output (best of {meta['runs']}),"
-        f" {meta['rtts']} x 64-byte echoes over one session, {meta['conns']} new connections per path",
+        f"bulk: {meta['size_mib']:.0f} MiB of `head -c` output, best of {meta['runs']};"
+        f" RTT: {meta['rtts']} x 64-byte lines echoed over {session};"
+        f" setup: {meta['conns']} x `ssh HOST true`",
         f"{meta['openssh']}, python {meta['python']}, {meta['cpus']} CPUs shared by clients, servers and"
-        f" proxy, {meta['when']}",
-        "cipher(s): " + "; ".join(f"{r.label}: {r.cipher}" for r in results),
+        f" proxy, wardgate {meta['malloc']}, {meta['when']}",
+        "cipher: " + "; ".join(f"{r.label}: {r.cipher}" for r in results),
         "",
         *render(rows),
         "",
-        "proxy CPU: ssh -J = the jump sshd; wardgate = the all-in-one process (*: its node too);",
-        "wardgate tunnel = the all-in-one process (auth+proxy; the edge node is separate, below).",
+        "x ssh -J: MiB/s, RTT p99 and setup p50 divided by the ssh -J row's.",
+        "proxy CPU: ssh -J = the jump sshd; wardgate = the all-in-one process (*: its node is in it too);",
+        "wardgate tunnel = the all-in-one process (auth + proxy; the edge node is a separate process).",
         "",
-        "CPU seconds per GiB of the fastest bulk run, by process:",
+        "CPU seconds per GiB of bulk output (fastest run), by process:",
     ]
-    cpu_rows = [["path", "wardgate all-in-one", "edge node", "jump sshd", "whole machine", "machine busy"]]
+    cpu_head = ["path", "client", "wardgate all-in-one", "edge node", "jump sshd", "head", "sum"]
+    cpu_rows = [[*cpu_head, "other load", "machine busy"]]
+    roles = {"direct": "node", "jump": "node", "wardgate": "proxy+node", "tunnel": "auth+proxy"}
     for r in results:
         c = r.cpu_per_gib
-        secs = meta["size_mib"] / r.mib_s if r.mib_s else 0.0
-        busy = c["machine"] * (meta["size_mib"] / 1024) / secs if secs else 0.0
-        role = {"direct": " (node)", "jump": " (node)", "wardgate": " (proxy+node)", "tunnel": " (proxy)"}[
-            r.path
-        ]
+
+        def cell(key: str, c: dict[str, float] = c) -> str:
+            return f"{c[key]:.2f}" if key in c else "-"
+
         cpu_rows.append(
             [
                 r.label,
-                f"{c['wardgate']:.2f}{role}",
-                f"{c['edge']:.2f}" if "edge" in c else "-",
-                f"{c['sshd']:.2f}" if "sshd" in c else "-",
-                f"{c['machine']:.2f}",
-                f"{busy:.2f} of {meta['cpus']} CPUs",
+                cell("client"),
+                f"{c['wardgate']:.2f} ({roles[r.path]})",
+                cell("edge"),
+                cell("sshd"),
+                cell("command"),
+                cell("ours"),
+                cell("other"),
+                f"{c['busy_cpus']:.2f} of {meta['cpus']} CPUs",
             ]
         )
     out += render(cpu_rows)
+    out += [
+        "client = ssh + its ProxyCommand (`ward proxy ssh`) or `ssh -W` child; head = the remote",
+        "command; other load = busy CPU time of the machine not accounted to any of these.",
+    ]
+    by_path = {r.path: r for r in results}
+    if "direct" in by_path and "wardgate" in by_path:
+        share = by_path["wardgate"].cpu_per_gib["wardgate"] - by_path["direct"].cpu_per_gib["wardgate"]
+        out.append(
+            f"Proxy share on the wardgate path, estimated as the all-in-one's CPU there minus the same"
+            f" node's on the direct path: {share:.2f} CPU-s/GiB."
+        )
     rs = ratios(results)
     if rs:
         out += ["", "Against ssh -J in this run (throughput: higher is better; latencies: lower is better):"]
@@ -712,15 +777,32 @@ def report(results: list[Result], meta: dict[str, Any]) -> str:
         for r in results:
             if r.path in ("wardgate", "tunnel"):
                 x = rs[r.path]
-                met = x["throughput"] >= 1.0 and x["rtt_p99"] <= 1.0
+                verdict = "met" if x["throughput"] >= 1.0 and x["rtt_p99"] <= 1.0 else "NOT met"
                 out.append(
-                    f"  target (throughput >= ssh -J and RTT p99 <= ssh -J) for {r.label}: "
-                    + ("met" if met else "NOT met")
+                    f"  target (throughput >= ssh -J and RTT p99 <= ssh -J) for {r.label}: {verdict}"
+                    f" (throughput {x['throughput']:.2f}x, p99 {x['rtt_p99']:.2f}x)"
                 )
     return "\n".join(out)
 
 
 # -- main ------------------------------------------------------------------------------------------
+
+MALLOC_ENV = {
+    # DESIGN.md "Data-plane facts": stops glibc from trimming and re-faulting the heap per buffer.
+    "MALLOC_MMAP_THRESHOLD_": str(64 * MiB),
+    "MALLOC_TRIM_THRESHOLD_": str(256 * MiB),
+    "MALLOC_TOP_PAD_": str(64 * MiB),
+}
+
+
+def become_subreaper() -> None:
+    """Inherit the processes ssh leaves behind, so their CPU time can be counted (Linux)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_child_subreaper = 36
+    if libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) != 0:
+        progress("prctl(PR_SET_CHILD_SUBREAPER) failed: client CPU will miss the ProxyCommand")
 
 
 def main() -> None:
@@ -734,7 +816,18 @@ def main() -> None:
     ap.add_argument(
         "--paths",
         default=",".join(ALL_PATHS),
-        help=f"comma-separated subset of {','.join(ALL_PATHS)} (default all)",
+        help=f"comma-separated subset of {','.join(ALL_PATHS)} (default all; ratios need jump)",
+    )
+    ap.add_argument(
+        "--tty",
+        action="store_true",
+        help="echo round trips over a PTY session (`ssh -tt`, `stty raw -echo; cat`; Wardgate records"
+        " it) instead of `ssh -T HOST cat`",
+    )
+    ap.add_argument(
+        "--malloc-tuning",
+        action="store_true",
+        help="run wardgate with the glibc allocator settings of DESIGN.md (default: as shipped)",
     )
     ap.add_argument("--format", choices=["text", "json"], default="text", help="result format on stdout")
     ap.add_argument(
@@ -744,22 +837,24 @@ def main() -> None:
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     if bad := [p for p in paths if p not in ALL_PATHS]:
         ap.error(f"unknown path(s) {', '.join(bad)}; choose from {', '.join(ALL_PATHS)}")
-    if args.size < 1 or args.runs < 1 or args.rtts < 1 or args.conns < 1:
-        ap.error("--size, --runs, --rtts and --conns must be positive")
+    if not paths or args.size < 1 or args.runs < 1 or args.rtts < 1 or args.conns < 1:
+        ap.error("--paths must name a path; --size, --runs, --rtts and --conns must be positive")
     for tool in ("ssh", "ssh-keygen"):
         if shutil.which(tool) is None:
             ap.error(f"{tool} (OpenSSH) is not installed")
+    if "jump" in paths and not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
+        ap.error("sshd (OpenSSH server) is not installed: drop `jump` from --paths")
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
+    become_subreaper()
     tmp = Path(tempfile.mkdtemp(prefix="wardgate-bench-ssh-"))
     results: list[Result] = []
     try:
         with contextlib.ExitStack() as stack:
-            bed = Bed(tmp, stack)
-            stack.callback(bed.kill_clients)  # runs first: clients before servers
+            bed = Bed(tmp, stack, server_env=MALLOC_ENV if args.malloc_tuning else {})
             bed.start_main()
             bed.add_user_and_login()
             if "jump" in paths:
@@ -767,6 +862,7 @@ def main() -> None:
             if "tunnel" in paths:
                 bed.start_edge()
             bed.write_ssh_config()
+            stack.callback(bed.kill_clients)  # runs first: clients before the servers
             results = Bench(bed, args).run(paths)
             progress("stopping")
     except KeyboardInterrupt:
@@ -784,9 +880,11 @@ def main() -> None:
         "runs": args.runs,
         "rtts": args.rtts,
         "conns": args.conns,
+        "tty": args.tty,
         "openssh": openssh,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "malloc": "with malloc tuning" if args.malloc_tuning else "as shipped (glibc malloc defaults)",
         "when": time.strftime("%Y-%m-%d %H:%M"),
     }
     if args.format == "json":

@@ -190,7 +190,10 @@ class AuthAPI:
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in PUBLIC_PATHS:
-            self.limiter.check(request.remote or "?")
+            # A proxy forwarding logins is one address for many users: those are limited per
+            # client address in the handler instead (see _client_addr).
+            if not self._is_proxy(request):
+                self.limiter.check(request.remote or "?")
             return await handler(request)
         ident = self._identity(request)
         request["identity"] = ident
@@ -270,14 +273,18 @@ class AuthAPI:
         )
         return web.json_response({"user": user.name, "roles": user.spec.roles})
 
+    def _is_proxy(self, request: web.Request) -> bool:
+        try:
+            return self._identity(request).system_role == "proxy"
+        except WardgateError:
+            return False
+
     def _client_addr(self, request: web.Request, body: dict[str, Any]) -> str:
         """The user's address: the proxy's word for it when the proxy forwards the request."""
-        try:
-            caller = self._identity(request)
-        except (AuthenticationError, WardgateError):
-            caller = None
-        if caller is not None and caller.system_role == "proxy" and body.get("client_addr"):
-            return str(body["client_addr"])
+        if self._is_proxy(request):
+            addr = str(body.get("client_addr") or request.remote or "")
+            self.limiter.check(addr.rsplit(":", 1)[0] if addr.count(":") == 1 else addr)
+            return addr
         return request.remote or ""
 
     async def login(self, request: web.Request) -> web.Response:
