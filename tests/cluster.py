@@ -9,7 +9,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pexpect
+
+from wardgate.auth.totp import current_code
 
 BIN = Path(sys.executable).parent
 
@@ -105,3 +111,116 @@ def audit(data_dir: Path, *args: str) -> list[dict]:
     return json.loads(
         wardctl(data_dir, "audit", "search", "--format", "json", "--limit", "500", *args).stdout
     )
+
+
+# ---------------------------------------------------------------- auth + proxy + node, users, OpenSSH
+
+CLUSTER = "ssh.example"
+STATIC_TOKEN = "node:static-join-token-for-tests"
+PASSWORD = "correct horse battery staple"
+
+
+class SSHCluster(Process):
+    def __init__(self, root: Path) -> None:
+        self.data_dir = root / "data"
+        self.auth_port, self.proxy_port, self.ssh_port = free_port(), free_port(), free_port()
+        self.proxy = f"127.0.0.1:{self.proxy_port}"
+        super().__init__(
+            root,
+            f"""version: v1
+wardgate:
+  nodename: main-node
+  data_dir: {self.data_dir}
+auth_service:
+  listen_addr: 127.0.0.1:{self.auth_port}
+  cluster_name: {CLUSTER}
+  tokens: ["{STATIC_TOKEN}"]
+proxy_service:
+  listen_addr: 127.0.0.1:{self.proxy_port}
+ssh_service:
+  listen_addr: 127.0.0.1:{self.ssh_port}
+  labels: {{env: dev}}
+""",
+            wait_for=self.data_dir / "admin.identity",
+            wait_ports=(self.auth_port, self.proxy_port, self.ssh_port),
+        )
+        self.pin = json.loads(wardctl(self.data_dir, "status", "--format", "json").stdout)["ca_pin"]
+
+    def add_user(self, name: str, roles: str, logins: str) -> str:
+        """Invite and register through the public API; returns the TOTP secret."""
+        from wardgate import runtime
+        from wardgate.api.client import AuthClient
+        from wardgate.api.identityfile import server_trusting_context
+
+        out = wardctl(self.data_dir, "users", "add", name, f"--roles={roles}", f"--logins={logins}").stdout
+        token = out.split("--invite=")[1].split()[0]
+        addr = f"127.0.0.1:{self.auth_port}"
+
+        async def go() -> str:
+            pems = await AuthClient.discover_trust(addr, ca_pin=self.pin)
+            async with AuthClient(addr, server_trusting_context(pems)) as c:
+                info = await c.begin_registration(token)
+                await c.complete_registration(token, PASSWORD, current_code(info["totp_secret"]))
+            return info["totp_secret"]
+
+        return runtime.run(go())
+
+
+def ward_env(home: Path) -> dict[str, str]:
+    return {**os.environ, "WARD_HOME": str(home), "COLUMNS": "200"}
+
+
+def ward(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "ward"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ward_env(home),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def login(cluster: SSHCluster, home: Path, user: str, secret: str) -> None:
+    child = pexpect.spawn(
+        str(BIN / "ward"),
+        ["login", f"--proxy={cluster.proxy}", f"--user={user}", f"--ca-pin={cluster.pin}"],
+        env=ward_env(home),
+        encoding="utf-8",
+        timeout=30,
+    )
+    child.expect(f"Password for {user}")
+    child.sendline(PASSWORD)
+    child.expect("One-time code")
+    # The enrolment spent the current 30 s step; the next step is inside the ±1 window.
+    child.sendline(current_code(secret, time.time() + 30))
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+
+
+@contextmanager
+def openssh_server(cluster: SSHCluster, d: Path, name: str = "legacy") -> Iterator[int]:
+    """A throw-away OpenSSH sshd trusting the cluster's user CA, with a Wardgate host cert for
+    `name`; yields its port."""
+    d.mkdir(mode=0o700, exist_ok=True)
+    port = free_port()
+    key = d / "host_key"
+    wardctl(cluster.data_dir, "auth", "sign", f"--host={name}", "--principals=127.0.0.1", "-o", str(key))
+    ca = d / "user_ca.pub"
+    ca.write_text(wardctl(cluster.data_dir, "auth", "export", "--type=user").stdout)
+    cfg = d / "sshd_config"
+    cfg.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {key}\nHostCertificate {key}-cert.pub\n"
+        f"TrustedUserCAKeys {ca}\nPidFile {d}/sshd.pid\nUsePAM no\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nLogLevel ERROR\n"
+        "Subsystem sftp internal-sftp\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)], stderr=subprocess.PIPE)
+    try:
+        assert wait_port(port, time.monotonic() + 15), "sshd did not start"
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)

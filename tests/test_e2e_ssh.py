@@ -1,7 +1,8 @@
 """SSH end to end: a real `wardgate start` (auth + proxy + node), the real `ward` and OpenSSH.
 
 Also a second process that joins with a token through the proxy and serves its node over a
-reverse tunnel (it listens on nothing: the only way in is the tunnel).
+reverse tunnel (it listens on nothing: the only way in is the tunnel). Agentless OpenSSH nodes
+have their own file, `test_e2e_agentless.py`.
 """
 
 from __future__ import annotations
@@ -18,58 +19,18 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from tests.cluster import BIN, Process, audit, free_port, wardctl
-from wardgate.auth.totp import current_code
-
-CLUSTER = "ssh.example"
-STATIC_TOKEN = "node:static-join-token-for-tests"
-PASSWORD = "correct horse battery staple"
-
-
-class SSHCluster(Process):
-    def __init__(self, root: Path) -> None:
-        self.data_dir = root / "data"
-        self.auth_port, self.proxy_port, self.ssh_port = free_port(), free_port(), free_port()
-        self.proxy = f"127.0.0.1:{self.proxy_port}"
-        super().__init__(
-            root,
-            f"""version: v1
-wardgate:
-  nodename: main-node
-  data_dir: {self.data_dir}
-auth_service:
-  listen_addr: 127.0.0.1:{self.auth_port}
-  cluster_name: {CLUSTER}
-  tokens: ["{STATIC_TOKEN}"]
-proxy_service:
-  listen_addr: 127.0.0.1:{self.proxy_port}
-ssh_service:
-  listen_addr: 127.0.0.1:{self.ssh_port}
-  labels: {{env: dev}}
-""",
-            wait_for=self.data_dir / "admin.identity",
-            wait_ports=(self.auth_port, self.proxy_port, self.ssh_port),
-        )
-        self.pin = json.loads(wardctl(self.data_dir, "status", "--format", "json").stdout)["ca_pin"]
-
-    def add_user(self, name: str, roles: str, logins: str) -> str:
-        """Invite and register through the public API; returns the TOTP secret."""
-        from wardgate import runtime
-        from wardgate.api.client import AuthClient
-        from wardgate.api.identityfile import server_trusting_context
-
-        out = wardctl(self.data_dir, "users", "add", name, f"--roles={roles}", f"--logins={logins}").stdout
-        token = out.split("--invite=")[1].split()[0]
-        addr = f"127.0.0.1:{self.auth_port}"
-
-        async def go() -> str:
-            pems = await AuthClient.discover_trust(addr, ca_pin=self.pin)
-            async with AuthClient(addr, server_trusting_context(pems)) as c:
-                info = await c.begin_registration(token)
-                await c.complete_registration(token, PASSWORD, current_code(info["totp_secret"]))
-            return info["totp_secret"]
-
-        return runtime.run(go())
+from tests.cluster import (
+    BIN,
+    CLUSTER,
+    STATIC_TOKEN,
+    Process,
+    SSHCluster,
+    audit,
+    login,
+    ward,
+    ward_env,
+    wardctl,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,39 +38,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHCluster]:
     c = SSHCluster(tmp_path_factory.mktemp("ssh-cluster"))
     yield c
     c.stop()
-
-
-def ward_env(home: Path) -> dict[str, str]:
-    return {**os.environ, "WARD_HOME": str(home), "COLUMNS": "200"}
-
-
-def ward(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "ward"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=ward_env(home),
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def login(cluster: SSHCluster, home: Path, user: str, secret: str) -> None:
-    child = pexpect.spawn(
-        str(BIN / "ward"),
-        ["login", f"--proxy={cluster.proxy}", f"--user={user}", f"--ca-pin={cluster.pin}"],
-        env=ward_env(home),
-        encoding="utf-8",
-        timeout=30,
-    )
-    child.expect(f"Password for {user}")
-    child.sendline(PASSWORD)
-    child.expect("One-time code")
-    # The enrolment spent the current 30 s step; the next step is inside the ±1 window.
-    child.sendline(current_code(secret, time.time() + 30))
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0, child.before
 
 
 @pytest.fixture(scope="module")
@@ -295,71 +223,6 @@ ssh_service:
         assert "retrying" in edge.output() or "reconnect" in edge.output().lower()
     finally:
         edge.stop()
-
-
-@pytest.fixture
-def openssh_node(cluster: SSHCluster, tmp_path: Path) -> Iterator[int]:
-    """A throw-away OpenSSH sshd trusting the cluster's user CA, with a Wardgate host cert."""
-    d = tmp_path / "sshd"
-    d.mkdir(mode=0o700)
-    port = free_port()
-    key = d / "host_key"
-    wardctl(cluster.data_dir, "auth", "sign", "--host=legacy", "--principals=127.0.0.1", "-o", str(key))
-    ca = d / "user_ca.pub"
-    ca.write_text(wardctl(cluster.data_dir, "auth", "export", "--type=user").stdout)
-    cfg = d / "sshd_config"
-    cfg.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {key}\nHostCertificate {key}-cert.pub\n"
-        f"TrustedUserCAKeys {ca}\nPidFile {d}/sshd.pid\nUsePAM no\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nLogLevel ERROR\n"
-        "Subsystem sftp internal-sftp\n"
-    )
-    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
-    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)], stderr=subprocess.PIPE)
-    try:
-        from tests.cluster import wait_port
-
-        assert wait_port(port, time.monotonic() + 15), "sshd did not start"
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def test_agentless_openssh_node(cluster: SSHCluster, alice: Path, openssh_node: int) -> None:
-    wardctl(
-        cluster.data_dir,
-        "nodes",
-        "add",
-        "--agentless",
-        "--name=legacy",
-        f"--addr=127.0.0.1:{openssh_node}",
-        "--labels=env=dev,kind=openssh",
-    )
-    assert "agentless" in wardctl(cluster.data_dir, "nodes", "ls").stdout
-    out = ward(alice, "ssh", "root@legacy", "echo", "agentless-ok")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "agentless-ok"
-    deadline = time.monotonic() + 15
-    ends: list[dict] = []
-    while time.monotonic() < deadline and not ends:
-        ends = [e for e in audit(cluster.data_dir, "--type", "session.end") if e.get("server_id") == "legacy"]
-        time.sleep(0.2)
-    assert ends and ends[0]["user"] == "alice" and ends[0]["agentless"] is True and ends[0]["bytes_out"] > 0
-
-    # A certificate that also carries a login the roles allow only elsewhere cannot reach it:
-    # sshd would accept that login, and the proxy cannot see which one the client picks.
-    role = (
-        "kind: role\nmetadata: {name: web-only}\nspec:\n  allow:\n"
-        "    logins: [www]\n    node_labels: {env: web}\n"
-    )
-    wardctl(cluster.data_dir, "create", "-f", "-", stdin=role)
-    home = alice.parent / "dora-ward"
-    home.mkdir(exist_ok=True)
-    login(cluster, home, "dora", cluster.add_user("dora", "access,web-only", "root"))
-    refused = ward(home, "ssh", "root@legacy", "true")
-    assert refused.returncode != 0 and "agentless" in refused.stderr and "www" in refused.stderr
-    assert ward(home, "ssh", "root@main-node", "echo", "ok").stdout.strip() == "ok"
 
 
 def test_join_a_live_session_as_observer(

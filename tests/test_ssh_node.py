@@ -30,7 +30,6 @@ from wardgate.agent.ssh import SessionRegistry, SSHNodeOptions, SSHNodeService, 
 from wardgate.agent.ssh.labels import CommandLabels
 from wardgate.agent.ssh.registry import MAX_BACKLOG, LiveSession
 from wardgate.agent.ssh.session import env_allowed, scp_request
-from wardgate.agent.ssh.sftp_watch import SftpOp, SftpWatcher
 from wardgate.api.cache import ResourceCache
 from wardgate.api.events import ResourceEvent, ResourceEventType
 from wardgate.api.resources import (
@@ -50,6 +49,7 @@ from wardgate.auth.ca import CertSigner, new_cert_authority
 from wardgate.auth.identity import Identity
 from wardgate.config import CommandLabelConfig, SSHServiceConfig
 from wardgate.keys import generate_ssh_key, ssh_private_key_openssh
+from wardgate.protocols.sftp import SftpOp, SftpWatcher
 
 CLUSTER = "test.example"
 HOUR = timedelta(hours=1)

@@ -226,6 +226,23 @@ class AuthClient:
     async def sign_host(self, **body: Any) -> dict[str, Any]:
         return await self.call("POST", "/v1/certs/host", body)
 
+    async def agentless_host_cert(self, node: str, ssh_public_key: str) -> dict[str, Any]:
+        """Proxy only: a host certificate for `ssh_public_key` valid for an agentless node's names
+        → `ssh_cert`, `principals`, `expires`, `host_ca_ssh_keys`."""
+        return await self.call(
+            "POST", "/v1/certs/agentless-host", {"node": node, "ssh_public_key": ssh_public_key}
+        )
+
+    async def impersonate_ssh_cert(
+        self, *, user: str, login: str, node: str, ssh_public_key: str, mfa_verified: str = ""
+    ) -> dict[str, Any]:
+        """Proxy only: a short-lived user certificate for one login on one agentless node, to log
+        in there on the user's behalf → `ssh_cert`, `user`, `logins`, `expires`."""
+        body = {"user": user, "login": login, "node": node, "ssh_public_key": ssh_public_key}
+        if mfa_verified:
+            body["mfa_verified"] = mfa_verified
+        return await self.call("POST", "/v1/certs/impersonate", body)
+
     async def heartbeat(self, res: Resource) -> Resource:
         return resource_from_dict(
             await self.call("POST", "/v1/nodes/heartbeat", {"resource": resource_to_dict(res)})

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = {"/v1/ping", "/v1/join", "/v1/invites/begin", "/v1/invites/complete", "/v1/login"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-IDENTITY = web.AppKey("identity", Identity)  # type: ignore[type-var]
+IDENTITY = web.RequestKey("identity", Identity)
 
 
 class RateLimiter:
@@ -127,6 +127,8 @@ class AuthAPI:
         r.add_get("/v1/cas/{type}", self.export_ca)
         r.add_post("/v1/certs/user", self.sign_user)
         r.add_post("/v1/certs/host", self.sign_host)
+        r.add_post("/v1/certs/agentless-host", self.sign_agentless_host)
+        r.add_post("/v1/certs/impersonate", self.impersonate)
         r.add_post("/v1/nodes/heartbeat", self.heartbeat)
         r.add_get("/v1/nodes/visible", self.visible_nodes)
         r.add_post("/v1/access/explain", self.explain)
@@ -196,7 +198,7 @@ class AuthAPI:
                 self.limiter.check(request.remote or "?")
             return await handler(request)
         ident = self._identity(request)
-        request["identity"] = ident
+        request[IDENTITY] = ident
         return await handler(request)
 
     def _identity(self, request: web.Request) -> Identity:
@@ -303,11 +305,11 @@ class AuthAPI:
     # ------------------------------------------------------------------ authenticated calls
 
     async def status(self, request: web.Request) -> web.Response:
-        self.auth.authorize(request["identity"], "cert_authority", "read")
+        self.auth.authorize(request[IDENTITY], "cert_authority", "read")
         return web.json_response(self.auth.status())
 
     async def whoami(self, request: web.Request) -> web.Response:
-        ident: Identity = request["identity"]
+        ident: Identity = request[IDENTITY]
         return web.json_response(
             {
                 "user": ident.user,
@@ -319,12 +321,12 @@ class AuthAPI:
         )
 
     async def list_resources(self, request: web.Request) -> web.Response:
-        items = await self.auth.list_resources(request["identity"], request.match_info["kind"])
+        items = await self.auth.list_resources(request[IDENTITY], request.match_info["kind"])
         return web.json_response({"items": [resource_to_dict(r) for r in items]})
 
     async def get_resource(self, request: web.Request) -> web.Response:
         res = await self.auth.get_resource(
-            request["identity"], request.match_info["kind"], request.match_info["name"]
+            request[IDENTITY], request.match_info["kind"], request.match_info["name"]
         )
         return web.json_response(resource_to_dict(res))
 
@@ -334,12 +336,12 @@ class AuthAPI:
             res = resource_from_dict(d.get("resource") or {}, source="request")
         except ParseError as exc:
             raise BadParameterError(str(exc)) from None
-        out = await self.auth.put_resource(request["identity"], res, force=bool(d.get("force")))
+        out = await self.auth.put_resource(request[IDENTITY], res, force=bool(d.get("force")))
         return web.json_response(resource_to_dict(out), status=201)
 
     async def delete_resource(self, request: web.Request) -> web.Response:
         await self.auth.delete_resource(
-            request["identity"], request.match_info["kind"], request.match_info["name"]
+            request[IDENTITY], request.match_info["kind"], request.match_info["name"]
         )
         return web.json_response({})
 
@@ -349,7 +351,7 @@ class AuthAPI:
         if not isinstance(traits, dict) or not all(isinstance(v, list) for v in traits.values()):
             raise BadParameterError("traits must map names to lists of strings")
         user, invite = await self.auth.create_user(
-            request["identity"], str(d.get("name", "")), roles=list(d.get("roles") or []), traits=traits
+            request[IDENTITY], str(d.get("name", "")), roles=list(d.get("roles") or []), traits=traits
         )
         return web.json_response({"user": resource_to_dict(user), **self._invite_json(invite)}, status=201)
 
@@ -362,18 +364,18 @@ class AuthAPI:
         }
 
     async def reset_user(self, request: web.Request) -> web.Response:
-        invite = await self.auth.reset_user(request["identity"], request.match_info["name"])
+        invite = await self.auth.reset_user(request[IDENTITY], request.match_info["name"])
         return web.json_response(self._invite_json(invite))
 
     async def unlock_user(self, request: web.Request) -> web.Response:
-        self.auth.authorize(request["identity"], "user", "update")
-        await self.auth.users.unlock(request.match_info["name"], by=request["identity"].user)
+        self.auth.authorize(request[IDENTITY], "user", "update")
+        await self.auth.users.unlock(request.match_info["name"], by=request[IDENTITY].user)
         return web.json_response({})
 
     async def create_token(self, request: web.Request) -> web.Response:
         d = await self._body(request)
         secret, tok = await self.auth.create_token(
-            request["identity"], d.get("roles") or [], self._ttl(d) or timedelta(minutes=30)
+            request[IDENTITY], d.get("roles") or [], self._ttl(d) or timedelta(minutes=30)
         )
         return web.json_response(
             {
@@ -389,7 +391,7 @@ class AuthAPI:
         d = await self._body(request)
         target = LockTarget.model_validate(d.get("target") or {})
         lock = await self.auth.create_lock(
-            request["identity"], target, ttl=self._ttl(d), message=str(d.get("message", ""))
+            request[IDENTITY], target, ttl=self._ttl(d), message=str(d.get("message", ""))
         )
         return web.json_response(resource_to_dict(lock), status=201)
 
@@ -410,7 +412,7 @@ class AuthAPI:
     async def sign_user(self, request: web.Request) -> web.Response:
         d = await self._body(request)
         certs = await self.auth.sign_for(
-            request["identity"],
+            request[IDENTITY],
             user=str(d.get("user", "")),
             ssh_public_key=str(d.get("ssh_public_key", "")),
             tls_public_key=str(d.get("tls_public_key", "")),
@@ -421,7 +423,7 @@ class AuthAPI:
     async def sign_host(self, request: web.Request) -> web.Response:
         d = await self._body(request)
         certs = await self.auth.sign_host(
-            request["identity"],
+            request[IDENTITY],
             host_id=str(d.get("host_id", "")),
             node_name=str(d.get("node_name", "")),
             ssh_public_key=str(d.get("ssh_public_key", "")),
@@ -432,14 +434,49 @@ class AuthAPI:
         )
         return web.json_response(_host_certs_json(certs, self.auth))
 
+    async def sign_agentless_host(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        cert, principals, expires = await self.auth.sign_agentless_host(
+            request[IDENTITY],
+            node=str(d.get("node", "")),
+            ssh_public_key=str(d.get("ssh_public_key", "")),
+        )
+        return web.json_response(
+            {
+                "ssh_cert": cert,
+                "principals": principals,
+                "expires": expires.isoformat(),
+                "host_ca_ssh_keys": self.auth.ca_ssh_keys("host"),
+            }
+        )
+
+    async def impersonate(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        cert, ident = await self.auth.impersonate_ssh(
+            request[IDENTITY],
+            user=str(d.get("user", "")),
+            login=str(d.get("login", "")),
+            node=str(d.get("node", "")),
+            ssh_public_key=str(d.get("ssh_public_key", "")),
+            mfa_verified=str(d.get("mfa_verified", "")),
+        )
+        return web.json_response(
+            {
+                "ssh_cert": cert,
+                "user": ident.user,
+                "logins": list(ident.logins),
+                "expires": ident.expires.isoformat() if ident.expires else None,
+            }
+        )
+
     async def heartbeat(self, request: web.Request) -> web.Response:
         d = await self._body(request)
         res = resource_from_dict(d.get("resource") or {}, source="heartbeat")
-        out = await self.auth.upsert_node(request["identity"], res)  # type: ignore[arg-type]
+        out = await self.auth.upsert_node(request[IDENTITY], res)  # type: ignore[arg-type]
         return web.json_response(resource_to_dict(out))
 
     async def visible_nodes(self, request: web.Request) -> web.Response:
-        nodes = self.auth.visible_nodes(request["identity"])
+        nodes = self.auth.visible_nodes(request[IDENTITY])
         return web.json_response(
             {
                 "nodes": [
@@ -460,7 +497,7 @@ class AuthAPI:
     async def explain(self, request: web.Request) -> web.Response:
         d = await self._body(request)
         dec = self.auth.explain_node_access(
-            request["identity"], str(d.get("user", "")), str(d.get("node", "")), str(d.get("login", ""))
+            request[IDENTITY], str(d.get("user", "")), str(d.get("node", "")), str(d.get("login", ""))
         )
         return web.json_response(
             {
@@ -474,7 +511,7 @@ class AuthAPI:
     async def emit_events(self, request: web.Request) -> web.Response:
         d = await self._body(request)
         for ev in d.get("events") or []:
-            await self.auth.emit_event(request["identity"], ev)
+            await self.auth.emit_event(request[IDENTITY], ev)
         return web.json_response({})
 
     async def search_events(self, request: web.Request) -> web.Response:
@@ -486,7 +523,7 @@ class AuthAPI:
         except ValueError as exc:
             raise BadParameterError(f"bad query parameter: {exc}") from None
         events, cursor = await self.auth.search_events(
-            request["identity"],
+            request[IDENTITY],
             since=since,
             until=until,
             types=[t for t in q.getall("type", []) if t],
@@ -499,25 +536,25 @@ class AuthAPI:
         return web.json_response({"events": events, "cursor": cursor})
 
     async def find_session(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.auth.find_session(request["identity"], request.match_info["sid"]))
+        return web.json_response(await self.auth.find_session(request[IDENTITY], request.match_info["sid"]))
 
     async def put_recording(self, request: web.Request) -> web.Response:
         data = await request.read()
-        await self.auth.store_recording(request["identity"], request.match_info["sid"], data)
+        await self.auth.store_recording(request[IDENTITY], request.match_info["sid"], data)
         return web.json_response({})
 
     async def get_recording(self, request: web.Request) -> web.Response:
-        data = await self.auth.read_recording(request["identity"], request.match_info["sid"])
+        data = await self.auth.read_recording(request[IDENTITY], request.match_info["sid"])
         return web.Response(body=data, content_type="application/gzip")
 
     async def list_recordings(self, request: web.Request) -> web.Response:
-        return web.json_response({"recordings": await self.auth.list_recordings(request["identity"])})
+        return web.json_response({"recordings": await self.auth.list_recordings(request[IDENTITY])})
 
     async def watch(self, request: web.Request) -> web.StreamResponse:
         kinds = [k for k in request.query.get("kinds", "").split(",") if k]
         if not kinds:
             raise BadParameterError("kinds: name the kinds to watch, e.g. ?kinds=role,lock")
-        async with self.auth.watch(request["identity"], kinds) as events:
+        async with self.auth.watch(request[IDENTITY], kinds) as events:
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await resp.prepare(request)
             queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=10000)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import get_args
@@ -226,9 +226,13 @@ class CertSigner:
         permit_port_forwarding: bool = False,
         permit_agent_forwarding: bool = False,
         permit_x11_forwarding: bool = False,
+        extensions: Mapping[str, str] | None = None,
         now: datetime | None = None,
     ) -> str:
-        """An OpenSSH user certificate line for `public_key`: principals = logins, identity in extensions."""
+        """An OpenSSH user certificate line for `public_key`: principals = logins, identity in extensions.
+
+        `extensions` adds `name@wardgate` extensions with text values (OpenSSH ignores unknown
+        extensions, unlike critical options, so sshd still accepts the certificate)."""
         self._need("user", "SSH user certificates")
         assert self._ssh_key is not None
         if not identity.user:
@@ -247,6 +251,10 @@ class CertSigner:
         ):
             if text:
                 exts.append((name, text.encode("utf-8")))
+        for name, text in (extensions or {}).items():
+            if not name.endswith("@wardgate") or any(name == n for n, _ in exts):
+                raise BadParameterError(f"extension {name!r} is not a free name@wardgate extension")
+            exts.append((name, text.encode("utf-8")))
         for name, granted in (
             ("permit-pty", permit_pty),
             ("permit-port-forwarding", permit_port_forwarding),

@@ -9,6 +9,8 @@ Formats (stable: clients and agents of other versions read them):
 * SSH user certs: principals are the logins; extensions `user@wardgate`, `roles@wardgate`
   (JSON list), `traits@wardgate` (JSON object), `cluster@wardgate`, `route-to-cluster@wardgate`
   and `mfa-verified@wardgate` (omitted when empty), beside the standard `permit-*` ones.
+  Certificates a proxy gets on a user's behalf also carry `impersonated-by@wardgate` (the
+  proxy's host id).
   Values follow OpenSSH's convention: a non-empty value is itself an SSH string inside the
   extension's data field (cryptography writes and reads it that way; `ssh-keygen -L` shows
   it). asyncssh keeps only the extensions it knows, so services decode ours through
@@ -45,6 +47,7 @@ from wardgate.keys import load_ssh_public_key, load_x509
 __all__ = [
     "EXT_CLUSTER",
     "EXT_HOST_ID",
+    "EXT_IMPERSONATED_BY",
     "EXT_MFA_VERIFIED",
     "EXT_ROLES",
     "EXT_ROUTE_TO_CLUSTER",
@@ -74,6 +77,9 @@ EXT_ROUTE_TO_CLUSTER = "route-to-cluster@wardgate"
 EXT_MFA_VERIFIED = "mfa-verified@wardgate"
 EXT_SYSTEM_ROLE = "system-role@wardgate"
 EXT_HOST_ID = "host-id@wardgate"
+EXT_IMPERSONATED_BY = "impersonated-by@wardgate"
+"""In a short-lived user certificate the auth service issued to a proxy on a user's behalf (to
+log in to an agentless OpenSSH node): the host id of that proxy."""
 
 NO_LOGIN_PREFIX = "-wardgate-nologin-"
 """An SSH cert with no principals is valid for *every* login, so a user with no logins gets

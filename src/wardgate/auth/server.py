@@ -36,8 +36,9 @@ from wardgate.api.resources import (
     resolve_kind,
 )
 from wardgate.audit.store import SQLiteAuditLog
+from wardgate.auth.access import check_ssh_access
 from wardgate.auth.ca import CertSigner, new_cert_authority
-from wardgate.auth.certs import verify_tls_identity
+from wardgate.auth.certs import EXT_IMPERSONATED_BY, verify_tls_identity
 from wardgate.auth.identity import Identity, RouteToApp, RouteToDatabase
 from wardgate.auth.locks import find_lock, lock_decision
 from wardgate.auth.rbac import BUILTIN_ROLES, AccessChecker, AccessDecision, role_problems
@@ -60,6 +61,11 @@ CACHED_KINDS = ("role", "user", "lock", "cert_authority", "node")
 CA_TYPES = ("user", "host", "db", "jwt")
 HOST_CERT_TTL = timedelta(days=30)
 ADMIN_CERT_TTL = timedelta(days=7)
+IMPERSONATION_TTL = timedelta(minutes=2)
+"""Lifetime of the user certificate a proxy gets to log in to an agentless node for a user: long
+enough for one SSH handshake (sshd checks it only then), short enough to be useless if leaked."""
+AGENTLESS_HOST_CERT_TTL = timedelta(hours=1)
+"""Lifetime of the host certificate a proxy presents for an agentless node (renewed before)."""
 ADMIN_USER = "admin"
 
 # What each system role may do through the API (kind -> verbs). `admin` may do everything.
@@ -481,6 +487,136 @@ class AuthServer:
             ttl=ttl,
             by=caller.user,
         )
+
+    # ------------------------------------------------------------------ agentless nodes (proxy only)
+
+    def _require_proxy(self, caller: Identity, what: str) -> None:
+        """Only the proxy terminates SSH for agentless nodes; not even an admin may ask for this."""
+        if caller.system_role != "proxy":
+            who = f"the {caller.system_role} service" if caller.system_role else f"user {caller.user}"
+            raise AccessDeniedError(f"only a proxy may {what}, not {who}")
+        self.check_locks(caller)
+
+    def _agentless_node(self, name: str) -> Node:
+        node = self.cache.get("node", name)
+        if not isinstance(node, Node):
+            raise NotFoundError(f'node "{name}" not found')
+        if not node.spec.agentless:
+            raise AccessDeniedError(
+                f'node "{name}" runs a Wardgate agent, which records its own sessions: '
+                "the proxy only terminates SSH for agentless nodes"
+            )
+        return node
+
+    async def sign_agentless_host(
+        self, caller: Identity, *, node: str, ssh_public_key: str, ttl: timedelta = AGENTLESS_HOST_CERT_TTL
+    ) -> tuple[str, list[str], datetime]:
+        """A host certificate for the proxy's key, valid for an agentless node's names, so the
+        user's OpenSSH (which trusts the host CA for `*.<cluster>`) accepts the proxy as that node
+        while it records the session. Returns (certificate line, principals, expiry)."""
+        self._require_proxy(caller, "present an agentless node's host certificate")
+        if not ssh_public_key:
+            raise BadParameterError("ssh_public_key: send the public key to certify")
+        n = self._agentless_node(node)
+        names = [n.name, n.spec.host_id, n.spec.hostname]
+        principals = [
+            p for p in dict.fromkeys([*names, *(f"{x}.{self.cluster_name}" for x in names if x)]) if p
+        ]
+        now = self.now()
+        ttl = min(ttl, AGENTLESS_HOST_CERT_TTL)
+        cert = self.signer("host").sign_ssh_host_cert(
+            ssh_public_key,
+            host_id=n.spec.host_id or n.name,
+            node_name=n.name,
+            cluster=self.cluster_name,
+            system_role="proxy",
+            extra_principals=principals,
+            ttl=ttl,
+            now=now,
+        )
+        await self.audit.emit(
+            "cert.create",
+            user=caller.host_id,
+            cert_type="host",
+            host_id=n.spec.host_id or n.name,
+            role="proxy",
+            principals=principals,
+            node=n.name,
+            agentless=True,
+            ttl=int(ttl.total_seconds()),
+        )
+        return cert, principals, now + ttl
+
+    async def impersonate_ssh(
+        self,
+        caller: Identity,
+        *,
+        user: str,
+        login: str,
+        node: str,
+        ssh_public_key: str,
+        mfa_verified: str = "",
+    ) -> tuple[str, Identity]:
+        """A user certificate for one login on one agentless node, issued to the proxy that
+        terminates the user's SSH connection so it can log in to sshd on the user's behalf.
+
+        The proxy has already authorised the user; this decides again from the user as stored
+        (exists, roles, traits, locks), so a proxy cannot mint access the user does not have.
+        Principals are that login only, the TTL is `IMPERSONATION_TTL`, and the certificate
+        names the proxy in `impersonated-by@wardgate`. `mfa_verified` is the proxy's word that
+        the user's own certificate carried it (for roles with `require_session_mfa`)."""
+        self._require_proxy(caller, "log in to nodes on a user's behalf")
+        if not login or not ssh_public_key:
+            raise BadParameterError("login and ssh_public_key are required")
+        n = self._agentless_node(node)
+        u = self.cache.get("user", user)
+        if not isinstance(u, User):
+            raise AccessDeniedError(f"user {user} no longer exists")
+        now = self.now()
+        base = Identity(user=u.name, roles=tuple(u.spec.roles), traits=dict(u.spec.traits))
+        checker = self.checker_for(base)
+        ident = replace(
+            base,
+            logins=tuple(checker.logins()),
+            cluster=self.cluster_name,
+            route_to_cluster=self.cluster_name,
+            mfa_verified=mfa_verified,
+            expires=now + IMPERSONATION_TTL,
+        )
+        decision, _ = check_ssh_access(
+            ident,
+            n,
+            login,
+            roles=self.cache.as_dict("role"),  # type: ignore[arg-type]
+            locks=self.cache.list("lock"),  # type: ignore[arg-type]
+            node_names=[x for x in (n.name, n.spec.hostname, n.spec.host_id) if x],
+            now=now,
+        )
+        fields = {
+            "identity_user": u.name,
+            "impersonator": caller.host_id,
+            "logins": [login],
+            "node": n.name,
+            "cert_type": "user",
+        }
+        if not decision.allowed:
+            await self.audit.emit("cert.create", user=u.name, success=False, **fields, error=decision.reason)
+            decision.raise_if_denied()
+        ident = replace(ident, logins=(login,))
+        cert = self.signer("user").sign_ssh_user_cert(
+            ssh_public_key,
+            ident,
+            ttl=IMPERSONATION_TTL,
+            permit_pty=True,
+            permit_port_forwarding=checker.options.port_forwarding,
+            permit_agent_forwarding=False,
+            extensions={EXT_IMPERSONATED_BY: caller.host_id},
+            now=now,
+        )
+        await self.audit.emit(
+            "cert.create", user=u.name, **fields, ttl=int(IMPERSONATION_TTL.total_seconds())
+        )
+        return cert, ident
 
     # ------------------------------------------------------------------ users, tokens, locks
 

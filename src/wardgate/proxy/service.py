@@ -2,7 +2,8 @@
 
 It talks to auth like any remote service (mutual TLS with its host certificate), keeps a watched
 cache of what it authorises against, and routes: web (`/webapi/…`), `ward-ssh`, `ward-tunnel`,
-and `ward-auth` passed through untouched so clients' certificates reach the auth API.
+and `ward-auth` passed through untouched so clients' certificates reach the auth API. Recordings
+of agentless sessions (which the proxy makes itself) are kept in `recordings_dir` until uploaded.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 from cryptography import x509
@@ -21,6 +23,7 @@ from wardgate.api.emitter import RemoteEmitter
 from wardgate.api.identityfile import IdentityFile
 from wardgate.api.resources import CertAuthority
 from wardgate.keys import load_x509_pem_list
+from wardgate.proxy.agentless import AgentlessRecorder
 from wardgate.proxy.router import TLSRouter, server_context
 from wardgate.proxy.sshproxy import SSHProxy
 from wardgate.proxy.tunnel import TunnelServer
@@ -39,6 +42,9 @@ class ProxySettings:
     auth_port: int
     handshake_timeout: float = 15.0
     ping_interval: float = 30.0
+    recordings_dir: Path | None = None
+    """Where recordings of agentless sessions wait for upload; None refuses sessions that roles
+    want recorded on agentless nodes."""
 
 
 class ProxyService:
@@ -51,7 +57,12 @@ class ProxyService:
         self.tunnels = TunnelServer(
             self._host_cas, on_refused=self._tunnel_refused, authorize=self._authorize_agent
         )
-        self.ssh = SSHProxy(self.cache, self.emitter, tunnels=self.tunnels)
+        self.agentless = (
+            AgentlessRecorder(self.cache, self.emitter, self.auth, settings.recordings_dir)
+            if settings.recordings_dir is not None
+            else None
+        )
+        self.ssh = SSHProxy(self.cache, self.emitter, tunnels=self.tunnels, agentless=self.agentless)
         self.router: TLSRouter | None = None
         self._runner: web.AppRunner | None = None
         self._cache_task: asyncio.Task[None] | None = None
@@ -113,6 +124,8 @@ class ProxyService:
         router.add_route("ward-ssh", self.ssh.handle)
         router.add_route("ward-tunnel", self.tunnels.handle)
         router.add_passthrough("ward-auth", s.auth_host, s.auth_port)
+        if self.agentless is not None:
+            await self.agentless.start()
         self.address = await router.start(s.listen_host, s.listen_port)
         self.router = router
         return self.address
@@ -121,6 +134,8 @@ class ProxyService:
         if self.router is not None:
             await self.router.close()
         await self.tunnels.close()
+        if self.agentless is not None:
+            await self.agentless.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._cache_task is not None:

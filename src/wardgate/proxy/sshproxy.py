@@ -4,6 +4,11 @@ Wire protocol (after TLS with the user's X.509 client certificate): the client s
 line `{"host", "port", "login"}`; the proxy answers one line `{"ok": true, "node", "host_id"}`
 then relays raw SSH bytes, or `{"ok": false, "error"}` and closes. The SSH session itself is end
 to end between the user's client and the node, which checks the user's SSH certificate again.
+
+Agentless OpenSSH nodes are the exception when the user's roles want sessions recorded
+(`record_session`): the proxy then terminates SSH itself, records, and logs in to sshd on the
+user's behalf (`proxy/agentless.py`). Without recording it relays bytes like for any node, and
+since it cannot see the login inside the stream, every login in the certificate must be allowed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from wardgate.auth.certs import verify_tls_identity
 from wardgate.auth.identity import Identity
 from wardgate.errors import AccessDeniedError, AuthenticationError, BadParameterError, NotFoundError
 from wardgate.keys import load_x509_pem_list
+from wardgate.proxy.agentless import AgentlessRecorder
 from wardgate.proxy.relay import Relay
 from wardgate.proxy.router import TLSConnection
 from wardgate.proxy.tunnel import pipe, stream_pair
@@ -81,11 +87,15 @@ class SSHProxy:
         emitter: Emitter,
         *,
         tunnels: TunnelDialer | None = None,
+        agentless: AgentlessRecorder | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cache = cache
         self.emitter = emitter
         self.tunnels = tunnels
+        self.agentless = agentless
+        """Terminates and records agentless sessions; without it such sessions are refused when
+        the roles want them recorded (fail closed)."""
         self.clock = clock
 
     def _now(self) -> datetime:
@@ -142,7 +152,7 @@ class SSHProxy:
             ident = self.identify(conn.peer_cert)
             host, login = str(req.get("host", "")), str(req.get("login", ""))
             node = self.resolve(host)
-            decision, _ = check_ssh_access(
+            decision, checker = check_ssh_access(
                 ident,
                 node,
                 login,
@@ -153,7 +163,8 @@ class SSHProxy:
             )
             if not decision.allowed:
                 raise AccessDeniedError(decision.reason)
-            if node.spec.agentless:
+            record = node.spec.agentless and checker is not None and checker.options.record_session
+            if node.spec.agentless and not record:
                 self._check_agentless(ident, node)
         except (TimeoutError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             await self._refuse(transport, ident, req, client_addr, f"bad request: {exc or 'timed out'}")
@@ -163,9 +174,51 @@ class SSHProxy:
             return
         except ConnectionResetError:
             return
+        if record:
+            port = int(req.get("port") or 0)
+            await self._terminate(transport, rest, reader.eof, node, ident, client_addr, port)
+            return
         await self._connect(
             transport, rest, reader.eof, node, ident, login, client_addr, int(req.get("port") or 0)
         )
+
+    async def _terminate(
+        self,
+        transport: asyncio.Transport,
+        rest: bytes,
+        eof: bool,
+        node: Node,
+        ident: Identity,
+        client_addr: str,
+        port: int,
+    ) -> None:
+        """Recording mode for an agentless node: the proxy is the SSH server the client sees."""
+        refusal = ""
+        if self.agentless is None:
+            refusal = (
+                f'"{node.name}" is an agentless OpenSSH node and your roles require sessions to be '
+                "recorded (record_session), but this proxy has no recordings directory"
+            )
+        elif not node.spec.addr:
+            refusal = f'agentless node "{node.name}" has no address to dial'
+        if refusal or self.agentless is None:
+            await self._refuse(transport, ident, {"host": node.name}, client_addr, refusal)
+            return
+        try:
+            host_cert = await self.agentless.host_cert(node)
+        except Exception as exc:
+            log.warning("no host certificate for agentless node %s: %s", node.name, exc)
+            await self._refuse(
+                transport,
+                ident,
+                {"host": node.name},
+                client_addr,
+                f'the proxy could not get a host certificate for "{node.name}": {exc}',
+            )
+            return
+        ok = {"ok": True, "node": node.name, "host_id": node.spec.host_id, "recorded": True}
+        transport.write(json.dumps(ok).encode() + b"\n")
+        await self.agentless.serve(transport, rest, eof, node, ident, client_addr, host_cert, port=port)
 
     def _check_agentless(self, ident: Identity, node: Node) -> None:
         """An OpenSSH node accepts any login in the certificate, and the proxy cannot see which

@@ -271,6 +271,7 @@ class WardgateProcess:
                 public_addr=public,
                 auth_host=auth_host.strip("[]"),
                 auth_port=int(auth_port),
+                recordings_dir=self.data_dir / "proxy" / "recordings",
             ),
             creds.identity,
         )

@@ -36,8 +36,8 @@ from wardgate.agent.ssh.proc import (
     spawn,
 )
 from wardgate.agent.ssh.registry import LiveSession, Participant
-from wardgate.agent.ssh.sftp_watch import SftpOp, SftpWatcher
 from wardgate.audit.recording import RecordingWriter
+from wardgate.protocols.sftp import SftpOp, SftpWatcher
 
 if TYPE_CHECKING:
     from wardgate.agent.ssh.service import _NodeServer
