@@ -22,7 +22,8 @@ from wardgate.api.client import AuthClient
 from wardgate.api.emitter import RemoteEmitter
 from wardgate.api.identityfile import IdentityFile
 from wardgate.api.resources import CertAuthority
-from wardgate.audit.recording import mark_uploaded, pending_uploads, recover_orphans
+from wardgate.api.uploader import RecordingUploader
+from wardgate.audit.recording import recover_orphans
 from wardgate.protocols.tunnel import parse_client_addr
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class NodeAgent:
                 commands=list(getattr(s.ssh_config, "commands", []) or []), cluster_name=s.cluster_name
             ),
         )
+        self.uploader = RecordingUploader(self.auth, self.recordings, every=UPLOAD_EVERY)
         self.tunnel: TunnelAgent | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.port = 0
@@ -119,7 +121,7 @@ class NodeAgent:
             self.tunnel.start()
         await self.heartbeat()
         self._tasks.append(asyncio.create_task(self._heartbeats()))
-        self._tasks.append(asyncio.create_task(self._uploads()))
+        self._tasks.append(asyncio.create_task(self.uploader.run()))
 
     async def _on_channel(self, service: str, client_addr: str, reader: Any, writer: Any) -> None:
         addr = parse_client_addr(client_addr) if client_addr else None
@@ -139,29 +141,12 @@ class NodeAgent:
             except Exception as exc:
                 log.warning("heartbeat to the auth service failed: %s", exc)
 
-    async def upload_recordings(self) -> int:
-        done = 0
-        for rec in pending_uploads(self.recordings):
-            data = await asyncio.to_thread(rec.path.read_bytes)
-            await self.auth.upload_recording(rec.sid, data)
-            mark_uploaded(rec.path)
-            done += 1
-        return done
-
-    async def _uploads(self) -> None:
-        while True:
-            try:
-                await self.upload_recordings()
-            except Exception as exc:
-                log.warning("uploading recordings failed (kept on disk, will retry): %s", exc)
-            await asyncio.sleep(UPLOAD_EVERY)
-
     async def close(self) -> None:
         if self.tunnel is not None:
             await self.tunnel.close()
         await self.service.close()
         with contextlib.suppress(Exception):
-            await self.upload_recordings()
+            await self.uploader.upload_pending()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

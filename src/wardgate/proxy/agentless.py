@@ -35,7 +35,7 @@ import os
 import signal as signals
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,13 +47,15 @@ from wardgate import __version__
 from wardgate.api.cache import ResourceCache
 from wardgate.api.events import ResourceEvent, ResourceEventType
 from wardgate.api.resources import CertAuthority, Lock, Node, RoleOptions
+from wardgate.api.uploader import RecordingUploader
 from wardgate.audit.events import Emitter
-from wardgate.audit.recording import RecordingWriter, mark_uploaded, pending_uploads, recover_orphans
+from wardgate.audit.recording import RecordingWriter, recover_orphans
 from wardgate.auth.access import check_ssh_access
 from wardgate.auth.certs import rfc3339, verify_ssh_user_cert
 from wardgate.auth.identity import Identity
 from wardgate.auth.locks import lock_applies, lock_decision, lock_in_force
 from wardgate.auth.rbac import AccessChecker
+from wardgate.auth.sshserver import CertificateAuthServer, key_line
 from wardgate.durations import format_duration
 from wardgate.errors import AuthenticationError, WardgateError
 from wardgate.protocols.sftp import SftpOp, SftpWatcher
@@ -64,7 +66,6 @@ log = logging.getLogger(__name__)
 
 HOST_CERT_RENEW_BEFORE = timedelta(minutes=10)
 """A cached agentless host certificate is replaced when it has less than this left."""
-MAX_AUTH_TRIES = 6
 UPLOAD_EVERY = 5.0
 DEFAULT_SSH_PORT = 22
 
@@ -79,18 +80,6 @@ class CertSource(Protocol):
     ) -> dict[str, Any]: ...
 
     async def upload_recording(self, sid: str, data: bytes) -> None: ...
-
-
-def _key_line(key: object) -> str:
-    """`<type> <base64>` of an SSH public key given as a line or as an asyncssh key."""
-    if isinstance(key, str):
-        return " ".join(key.split()[:2])
-    return " ".join(key.export_public_key("openssh").decode("ascii").split()[:2])  # type: ignore[attr-defined]
-
-
-def _is_cert_blob(blob: bytes) -> bool:
-    n = int.from_bytes(blob[:4], "big")
-    return 0 < n <= 64 and blob[4 : 4 + n].endswith(b"-cert-v01@openssh.com")
 
 
 def _node_names(node: Node) -> list[str]:
@@ -134,7 +123,7 @@ class AgentlessRecorder:
         self.login_timeout = login_timeout
         self.connect_timeout = connect_timeout
         self.keepalive_interval = keepalive_interval
-        self.upload_every = upload_every
+        self.uploader = RecordingUploader(auth, self.recordings_dir, every=upload_every)
         self.host_key = asyncssh.generate_private_key("ssh-ed25519")
         self._host_certs: dict[str, _HostCert] = {}
         self._cert_locks: dict[str, asyncio.Lock] = {}
@@ -142,7 +131,6 @@ class AgentlessRecorder:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._audit: asyncio.Queue[tuple[str, str, bool, str, dict[str, Any]]] = asyncio.Queue()
         self._workers: list[asyncio.Task[None]] = []
-        self._upload_now = asyncio.Event()
         self._unsubscribe: Any = None
 
     # ------------------------------------------------------------ lifecycle
@@ -154,7 +142,7 @@ class AgentlessRecorder:
             log.warning("recovered agentless recording %s left by an earlier run", p.name)
         self._workers = [
             asyncio.create_task(self._write_audit(), name="agentless-audit"),
-            asyncio.create_task(self._uploads(), name="agentless-uploads"),
+            asyncio.create_task(self.uploader.run(), name="agentless-uploads"),
         ]
         self._unsubscribe = self.cache.subscribe(self._on_resource)
 
@@ -171,7 +159,7 @@ class AgentlessRecorder:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         with contextlib.suppress(Exception):
-            await self.upload_recordings()
+            await self.uploader.upload_pending()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._audit.join(), 10)
         for w in self._workers:
@@ -213,7 +201,7 @@ class AgentlessRecorder:
             now = datetime.now(UTC)
             if cached is not None and cached.names == names and cached.expires - now > HOST_CERT_RENEW_BEFORE:
                 return cached.cert
-            data = await self.auth.agentless_host_cert(node.name, _key_line(self.host_key))
+            data = await self.auth.agentless_host_cert(node.name, key_line(self.host_key))
             cert = asyncssh.import_certificate(data["ssh_cert"])
             expires = datetime.fromisoformat(data["expires"])
             self._host_certs[node.name] = _HostCert(names, cert, expires)
@@ -288,7 +276,7 @@ class AgentlessRecorder:
             user=identity.user,
             login=login,
             node=node.name,
-            ssh_public_key=_key_line(key),
+            ssh_public_key=key_line(key),
             mfa_verified=identity.mfa_verified,
         )
         cert = asyncssh.import_certificate(data["ssh_cert"])
@@ -360,32 +348,12 @@ class AgentlessRecorder:
             finally:
                 self._audit.task_done()
 
-    async def upload_recordings(self) -> int:
-        """Ship finished recordings to auth (they stay on disk until it has them)."""
-        done = 0
-        for rec in pending_uploads(self.recordings_dir):
-            data = await asyncio.to_thread(rec.path.read_bytes)
-            await self.auth.upload_recording(rec.sid, data)
-            mark_uploaded(rec.path)
-            done += 1
-        return done
-
-    async def _uploads(self) -> None:
-        while True:
-            try:
-                await self.upload_recordings()
-            except Exception as exc:
-                log.warning("uploading agentless recordings failed (kept on disk, will retry): %s", exc)
-            self._upload_now.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._upload_now.wait(), self.upload_every)
-
     async def finish_recording(self, rec: RecordingWriter) -> None:
         try:
             await rec.aclose()
         except OSError:
             log.exception("could not finish the recording of session %s", rec.sid)
-        self._upload_now.set()
+        self.uploader.poke()
 
 
 class _ClientConnection(asyncssh.SSHServerConnection):
@@ -407,12 +375,13 @@ class _ClientConnection(asyncssh.SSHServerConnection):
         return await srv.open_upstream(username, bytes(key_data))
 
 
-class _Connection(asyncssh.SSHServer):
+class _Connection(CertificateAuthServer):
     """One client connection: who it is, the login, and its connection to the node's sshd."""
 
     def __init__(
         self, svc: AgentlessRecorder, node: Node, tls_identity: Identity, client_addr: str, port: int = 0
     ) -> None:
+        super().__init__()
         self.svc = svc
         self.node = node
         self.tls_identity = tls_identity
@@ -425,8 +394,6 @@ class _Connection(asyncssh.SSHServer):
         self.options = RoleOptions()
         self.sessions: set[_Bridge] = set()
         self.closed = asyncio.Event()
-        self._decisions: dict[tuple[str, bytes], _Decision] = {}
-        self._refusals = 0
         self._timers: list[asyncio.TimerHandle] = []
         self._closing = False
         self.last_activity = 0.0
@@ -487,31 +454,14 @@ class _Connection(asyncssh.SSHServer):
 
     # ------------------------------------------------------------ authentication
 
-    def begin_auth(self, username: str) -> bool:
-        return True
+    def trusted_user_ca_keys(self) -> Sequence[str]:
+        return self.svc.user_ca_keys()
 
-    def public_key_auth_supported(self) -> bool:
-        return True
+    def decide(self, username: str, blob: bytes) -> _Decision:
+        return self._decide(username, blob)
 
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        return False  # certificates only
-
-    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        line = _key_line(key)
-        return any(_key_line(k) == line for k in self.svc.user_ca_keys())
-
-    def authorize(self, username: str, key_data: bytes) -> bool:
-        """Our decision for this login and certificate, made (and audited if refused) once."""
-        blob = bytes(key_data)
-        if not _is_cert_blob(blob):
-            return False
-        d = self._decisions.get((username, blob))
-        if d is None:
-            d = self._decide(username, blob)
-            self._decisions[username, blob] = d
-            if not d.allowed:
-                self._refuse(username, d.reason)
-        return d.allowed
+    def refused(self, username: str, blob: bytes, decision: _Decision) -> None:
+        self._refuse(username, decision.reason)
 
     def _decide(self, username: str, blob: bytes) -> _Decision:
         try:
@@ -556,14 +506,10 @@ class _Connection(asyncssh.SSHServer):
             method="certificate",
             **{k: v for k, v in self.event_fields(login).items() if k not in ("server_id",)},
         )
-        self._refusals += 1
-        if self._refusals >= MAX_AUTH_TRIES and self.conn is not None:
-            text = "too many refused certificates"
-            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, text)
 
     async def open_upstream(self, username: str, blob: bytes) -> bool:
         """The client proved its key: log in to sshd as that login, or fail its authentication."""
-        d = self._decisions.get((username, blob))
+        d = self.decision_for(username, blob)
         if d is None or not d.allowed or d.identity is None:  # pragma: no cover - authorize() ran first
             return False
         if self.upstream is not None:
@@ -574,6 +520,7 @@ class _Connection(asyncssh.SSHServer):
             reason = _upstream_error(self.node, username, exc)
             self._decisions[username, blob] = _Decision(False, reason, d.identity)
             self._refuse(username, reason, denied=isinstance(exc, WardgateError))
+            self.count_refusal()
             return False
         if self.conn is None or self.conn.is_closed():
             upstream.close()

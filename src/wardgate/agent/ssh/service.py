@@ -55,6 +55,7 @@ from wardgate.auth.certs import rfc3339, verify_ssh_user_cert
 from wardgate.auth.identity import Identity
 from wardgate.auth.locks import lock_applies, lock_decision, lock_in_force
 from wardgate.auth.rbac import AccessChecker
+from wardgate.auth.sshserver import CertificateAuthServer
 from wardgate.durations import format_duration
 from wardgate.errors import AuthenticationError
 
@@ -66,7 +67,6 @@ DEFAULT_ENV_ALLOW: tuple[str, ...] = ("LANG", "LANGUAGE", "LC_*", "TERM", "COLOR
 """Client variables (`SendEnv`/`SetEnv`) a session receives; everything else is dropped."""
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-MAX_AUTH_TRIES = 6
 """Refused certificates one connection may present before it is dropped (like sshd's MaxAuthTries)."""
 SHUTDOWN_GRACE = 2.0
 """Seconds session processes get after SIGHUP when the node stops, before SIGKILL."""
@@ -108,19 +108,6 @@ def node_resource(
         NodeSpec(hostname=hostname or name, addr=addr, host_id=host_id, tunnel=tunnel, version=__version__),
         labels=dict(config.labels),
     )
-
-
-def _key_line(key: object) -> str:
-    """`<type> <base64>` of an SSH public key given as a line or as an asyncssh key."""
-    if isinstance(key, str):
-        return " ".join(key.split()[:2])
-    data = key.export_public_key("openssh")  # type: ignore[attr-defined]
-    return " ".join(data.decode("ascii").split()[:2])
-
-
-def _is_cert_blob(blob: bytes) -> bool:
-    n = int.from_bytes(blob[:4], "big")
-    return 0 < n <= 64 and blob[4 : 4 + n].endswith(b"-cert-v01@openssh.com")
 
 
 def _authentic_user(blob: bytes, ca_keys: Sequence[str]) -> str:
@@ -208,16 +195,15 @@ class _ActivitySession(asyncssh.SSHTCPSession[bytes]):
         self._inner.resume_writing()
 
 
-class _NodeServer(asyncssh.SSHServer):
+class _NodeServer(CertificateAuthServer):
     """Per-connection state: who authenticated, as whom, their merged role options, timers."""
 
     def __init__(self, service: SSHNodeService) -> None:
+        super().__init__()
         self.service = service
         self.conn: _NodeConnection | None = None
         self.remote_addr: tuple[str, int] = ("", 0)
         self.local_addr: tuple[str, int] = ("", 0)
-        self._decisions: dict[tuple[str, bytes], _Decision] = {}
-        self._refusals = 0
         self.identity: Identity | None = None
         self.login: LoginUser | None = None
         self.checker: AccessChecker | None = None
@@ -260,36 +246,14 @@ class _NodeServer(asyncssh.SSHServer):
 
     # ------------------------------------------------------------ authentication
 
-    def begin_auth(self, username: str) -> bool:
-        return True
+    def trusted_user_ca_keys(self) -> Sequence[str]:
+        return self.service.user_ca_keys()
 
-    def public_key_auth_supported(self) -> bool:
-        return True
+    def decide(self, username: str, blob: bytes) -> _Decision:
+        return self._decide(username, blob)
 
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        return False  # certificates only
-
-    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        line = _key_line(key)
-        return any(_key_line(k) == line for k in self.service.user_ca_keys())
-
-    def authorize(self, username: str, key_data: bytes) -> bool:
-        """Our decision for this login and key; computed (and audited, if refused) once per connection."""
-        blob = bytes(key_data)
-        if not _is_cert_blob(blob):
-            return False
-        cached = self._decisions.get((username, blob))
-        if cached is None:
-            cached = self._decide(username, blob)
-            self._decisions[username, blob] = cached
-            if not cached.allowed:
-                self._refuse(username, blob, cached)
-                self._refusals += 1
-                if self._refusals >= MAX_AUTH_TRIES and self.conn is not None:
-                    self.conn.disconnect(
-                        asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "too many refused certificates"
-                    )
-        return cached.allowed
+    def refused(self, username: str, blob: bytes, decision: _Decision) -> None:
+        self._refuse(username, blob, decision)
 
     def _decide(self, username: str, blob: bytes) -> _Decision:
         svc = self.service
@@ -327,7 +291,7 @@ class _NodeServer(asyncssh.SSHServer):
         self.service._emit("auth", user=user, success=False, **fields, reason=d.reason, method="certificate")
 
     def authenticated(self, username: str, key_data: bytes) -> None:
-        d = self._decisions.get((username, bytes(key_data)))
+        d = self.decision_for(username, bytes(key_data))
         if d is None or not d.allowed:  # pragma: no cover - authorize() ran first
             return
         self.identity, self.login, self.checker = d.identity, d.login, d.checker
