@@ -14,26 +14,41 @@ the user's key and Wardgate certificate, and host certificates checked against t
 host CA. Paths (`--paths`):
 
   direct    ssh -> the Wardgate node's own listen port (no proxy)
-  jump      ssh -J root@jump-sshd -> the same node port (OpenSSH jump host; its own host key is
-            not checked: StrictHostKeyChecking=no for the jump hop only)
+  jump      ssh -J root@jump-sshd -> the same node port (OpenSSH jump host, its host key
+            pinned in known_hosts; OpenSSH's ProxyJump, i.e. `ssh -W` to the jump host)
   wardgate  ssh with the `ward config` block: ProxyCommand `ward proxy ssh` -> Wardgate proxy
             (TLS, ALPN ward-ssh) -> the node port
   tunnel    the same, to the second node: proxy -> reverse tunnel (SSH over TLS) -> edge node
 
+  Reference rows, only when named in --paths (OpenSSH end to end, no Wardgate node):
+  openssh   ssh -> the jump sshd itself as the target
+  openssh-j ssh -J jump-sshd -> that same sshd as the target
+
 Measured per path:
 
-  bulk      `ssh HOST 'head -c SIZE /dev/zero'`, output counted and dropped; MiB/s, best of --runs
+  bulk      `ssh HOST 'head -c SIZE /dev/zero'`, output counted and dropped; MiB/s from the
+            first byte to the last (connection set-up is measured separately), best of --runs
             (the runs are interleaved across paths)
-  RTT       --rtts sequential 64-byte line echoes over one `ssh -T HOST cat` session; p50/p99 us
-  setup     --conns sequential `ssh HOST true`, each a new connection (ControlMaster no);
-            p50/p95/p99 ms
-  CPU       CPU seconds per GiB of bulk output, from /proc: the all-in-one wardgate process
-            (utime+stime: its proxy and its node; the `head` child is not counted), the edge
-            node process, the jump sshd (its reaped per-connection children), and the whole
-            machine (all CPUs busy time, including the clients and `head`).
+  RTT       --rtts sequential 64-byte line echoes over one `ssh -T HOST cat` session per path
+            (--tty: a raw PTY session); p50/p99 us. The sessions are open together and the
+            paths take turns in blocks of back-to-back echoes (10 blocks per path).
+  setup     --conns `ssh HOST true` per path, each a new connection (ControlMaster no), the
+            paths taking turns; p50/p95/p99 ms
+  CPU       CPU seconds per GiB of bulk output (fastest run, its one connection set-up
+            included), from /proc and getrusage: the
+            client (ssh and its ProxyCommand or `ssh -W` child, which this script inherits as
+            child subreaper), the all-in-one wardgate process (utime+stime: auth, proxy and
+            node), the edge node process, the jump sshd (its reaped per-connection children),
+            the remote `head`, and the machine's busy time not accounted to any of these
+            ("other load": other work on the box during the run, and softirq).
 
 The machine is shared by clients, servers and proxy and is noisy: read the ratios to `ssh -J`
-in the same run, not the absolutes.
+in the same run, not the absolutes, and check "other load". Expect the `ssh -J` RTT p99 (and
+at times its p50) to show ~40 ms stalls: asyncssh (the Wardgate node) sends an empty
+SSH_MSG_IGNORE before every packet, so an echo often leaves the node as two TCP segments; the
+jump sshd forwards them as two writes on its client connection, where it leaves Nagle on, and
+the second waits for the client's delayed ACK. OpenSSH to OpenSSH through the same jump host
+(the reference rows) does not stall. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -68,14 +83,26 @@ LOGIN = "root"
 PASSWORD = "correct horse battery staple"
 TICKS = os.sysconf("SC_CLK_TCK")
 START = time.monotonic()
-ALL_PATHS = ("direct", "jump", "wardgate", "tunnel")
-LABELS = {"direct": "direct", "jump": "ssh -J", "wardgate": "wardgate", "tunnel": "wardgate tunnel"}
+DEFAULT_PATHS = ("direct", "jump", "wardgate", "tunnel")
+REFERENCE_PATHS = ("openssh", "openssh-j")
+ALL_PATHS = DEFAULT_PATHS + REFERENCE_PATHS
+LABELS = {
+    "direct": "direct",
+    "jump": "ssh -J",
+    "wardgate": "wardgate",
+    "tunnel": "wardgate tunnel",
+    "openssh": "ref: sshd",
+    "openssh-j": "ref: ssh -J sshd",
+}
 HOSTS = {
     "direct": "direct-node",
     "jump": "jump-node",
     "wardgate": f"main-node.{CLUSTER}",
     "tunnel": f"edge-node.{CLUSTER}",
+    "openssh": "sshd-direct",
+    "openssh-j": "sshd-jump",
 }
+NEEDS_SSHD = ("jump", "openssh", "openssh-j")
 
 
 def progress(msg: str) -> None:
@@ -117,9 +144,9 @@ def proc_cpu(pid: int, *, reaped_children: bool = False) -> float:
 
 
 def machine_busy() -> float:
-    """Busy CPU seconds of the whole machine, all CPUs (everything but idle and iowait)."""
+    """Busy CPU seconds of the whole machine, all CPUs (not idle, iowait or steal)."""
     values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(values[:3] + values[5:7]) / TICKS  # user nice system irq softirq (not idle/iowait/steal)
+    return sum(values[:3] + values[5:7]) / TICKS  # user, nice, system, irq, softirq
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -196,6 +223,8 @@ class Bed:
     ssh_config: Path = Path()
     server_env: dict[str, str] = field(default_factory=dict)
     """Extra environment for the wardgate processes (--malloc-tuning)."""
+    cipher: str = ""
+    """`Ciphers` for every hop (--cipher); empty: OpenSSH's default preference."""
     clients: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def wardctl(self, *args: str) -> str:
@@ -372,7 +401,11 @@ ssh_service:
 
         profile = ProfileStore(self.home).load(f"127.0.0.1:{self.proxy_port}")
         known_hosts = self.tmp / "known_hosts"
-        known_hosts.write_text(self.wardctl("auth", "export", "--type=host"))  # @cert-authority * ...
+        lines = self.wardctl("auth", "export", "--type=host")  # @cert-authority * ... (Wardgate nodes)
+        if self.jump_port:  # the jump sshd's own key, pinned
+            key = (self.tmp / "jump" / "host_ed25519.pub").read_text().split()[:2]
+            lines += f"[127.0.0.1]:{self.jump_port} {' '.join(key)}\n"
+        known_hosts.write_text(lines)
         ward_block = self.ward("config")
 
         def q(path: Path) -> str:
@@ -381,12 +414,13 @@ ssh_service:
         self.ssh_config = self.tmp / "ssh_config"
         self.ssh_config.write_text(
             f"""# generated by bench/ssh.py
-Host jump-sshd
+Host jump-sshd sshd-direct
     HostName 127.0.0.1
     Port {self.jump_port}
-    # the throw-away jump host's own key is not pinned; the node behind it is checked (CA)
-    StrictHostKeyChecking no
-    UserKnownHostsFile /dev/null
+Host sshd-jump
+    HostName 127.0.0.1
+    Port {self.jump_port}
+    ProxyJump jump-sshd
 Host direct-node
     HostName 127.0.0.1
     Port {self.node_port}
@@ -409,6 +443,7 @@ Host *
     ControlMaster no
     ControlPath none
     LogLevel ERROR
+{f"    Ciphers {self.cipher}" if self.cipher else ""}
 """
         )
 
@@ -470,6 +505,26 @@ class Result:
         return self.cpu_per_gib.get(key) if key else None
 
 
+class EchoSession:
+    """An interactive session running `cat`: write a 64-byte line, read it back."""
+
+    def __init__(self, path: str, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        self.path, self.proc = path, proc
+        self.wfd, self.rfd = proc.stdin.fileno(), proc.stdout.fileno()
+        self.msg = os.urandom(31).hex().encode() + b"\n"
+
+    def once(self) -> None:
+        os.write(self.wfd, self.msg)
+        got = b""
+        while len(got) < len(self.msg):
+            if not (chunk := os.read(self.rfd, 4096)):
+                raise RuntimeError(f"echo session over {self.path} closed early")
+            got += chunk
+        if got != self.msg:
+            raise RuntimeError(f"echo over {self.path} returned {got!r}")
+
+
 class Bench:
     def __init__(self, bed: Bed, args: argparse.Namespace) -> None:
         self.bed = bed
@@ -511,6 +566,8 @@ class Bench:
         """name -> (pid, reaped_children) whose CPU the bulk runs account."""
         bed = self.bed
         assert bed.main is not None
+        if path in REFERENCE_PATHS and bed.jump is not None:  # `head` runs inside sshd's session
+            return {"sshd": (bed.jump.pid, True)}
         procs = {"wardgate": (bed.main.pid, False)}
         if path == "jump" and bed.jump is not None:
             procs["sshd"] = (bed.jump.pid, True)
@@ -522,6 +579,7 @@ class Bench:
         return procs
 
     def cpu_snapshot(self, path: str) -> dict[str, float]:
+        self.bed.reap_orphans()  # leftovers of earlier commands must not count in this window
         snap = {name: proc_cpu(pid, reaped_children=r) for name, (pid, r) in self.processes(path).items()}
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         snap["client"] = ru.ru_utime + ru.ru_stime  # ssh + its ProxyCommand / `ssh -W` (reaped)
@@ -532,7 +590,6 @@ class Bench:
     def bulk(self, path: str) -> tuple[float, dict[str, float]]:
         size = self.args.size
         before = self.cpu_snapshot(path)
-        start = time.perf_counter()
         p = self.popen(
             self.ssh(path, f"head -c {size} /dev/zero"),
             stdin=subprocess.DEVNULL,
@@ -546,82 +603,89 @@ class Bench:
 
             fcntl.fcntl(fd, 1031, MiB)  # F_SETPIPE_SZ
         buf = bytearray(MiB)
-        got = 0
+        got = first = 0
+        start = end = 0.0
         while n := p.stdout.readinto(buf):  # type: ignore[attr-defined]
+            end = time.perf_counter()
+            if not got:  # the clock starts at the first bytes: connection set-up is not timed
+                start, first = end, n
             got += n
         self.finish(p, f"bulk over {path}")
-        seconds = time.perf_counter() - start
         if got != size:
             raise RuntimeError(f"bulk over {path}: got {got} bytes, expected {size}")
-        time.sleep(0.3)  # let sshd and the node reap their per-connection children
+        seconds = (end - start) * size / max(1, size - first)  # as if the first read were timed too
+        settle = 0.3
+        time.sleep(settle)  # let sshd and the node reap their per-connection children
         after = self.cpu_snapshot(path)
         gib = size / GiB
         cpu = {k: (after[k] - before[k]) / gib for k in before if k != "wall"}
         cpu["ours"] = sum(v for k, v in cpu.items() if k != "machine")
         cpu["other"] = max(0.0, cpu["machine"] - cpu["ours"])
-        cpu["busy_cpus"] = (after["machine"] - before["machine"]) / (after["wall"] - before["wall"])
+        wall = after["wall"] - before["wall"] - settle
+        cpu["busy_cpus"] = (after["machine"] - before["machine"]) / wall
         return seconds, cpu
 
-    def round_trips(self, path: str) -> list[float]:
+    def echo_session(self, path: str) -> EchoSession:
         tty = self.args.tty
         argv = (
             self.ssh(path, "-tt", "stty raw -echo; echo READY; exec cat")
             if tty
             else self.ssh(path, "-T", "cat")
         )
-        p = self.popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            bufsize=0,
-        )
-        assert p.stdin is not None and p.stdout is not None
-        wfd, rfd = p.stdin.fileno(), p.stdout.fileno()
-        msg = os.urandom(31).hex().encode() + b"\n"  # 64 bytes, one line
-
-        def once() -> None:
-            os.write(wfd, msg)
-            got = b""
-            while len(got) < len(msg):
-                chunk = os.read(rfd, 4096)
-                if not chunk:
-                    raise RuntimeError(f"echo session over {path} closed early")
-                got += chunk
-            if got != msg:
-                raise RuntimeError(f"echo over {path} returned {got!r}")
-
+        p = self.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        session = EchoSession(path, p)
         if tty:  # the PTY echoes until stty has run: start after its marker
             seen = b""
             while b"READY\n" not in seen:
-                if not (chunk := os.read(rfd, 4096)):
+                if not (chunk := os.read(session.rfd, 4096)):
                     raise RuntimeError(f"PTY session over {path} closed early")
                 seen += chunk
         for _ in range(20):  # warm up (and wait for the session to be up)
-            once()
-        times: list[float] = []
-        for _ in range(self.args.rtts):
-            t = time.perf_counter()
-            once()
-            times.append(time.perf_counter() - t)
-        p.stdin.close()
-        if tty:  # a raw PTY does not turn our EOF into cat's: hang up instead
-            p.terminate()
-        self.finish(p, f"echo session over {path}", check=not tty)
-        return sorted(times)
+            session.once()
+        return session
 
-    def setups(self, path: str) -> list[float]:
-        times: list[float] = []
-        argv = self.ssh(path, "true")
+    def close_echo(self, session: EchoSession) -> None:
+        assert session.proc.stdin is not None
+        session.proc.stdin.close()
+        if self.args.tty:  # a raw PTY does not turn our EOF into cat's: hang up instead
+            session.proc.terminate()
+        self.finish(session.proc, f"echo session over {session.path}", check=not self.args.tty)
+
+    def round_trips(self, paths: list[str]) -> dict[str, list[float]]:
+        """One session per path, all open at once; the paths take turns in blocks of back-to-back
+        echoes, so a slow moment of the machine hits every path alike."""
+        sessions = [self.echo_session(p) for p in paths]
+        times: dict[str, list[float]] = {p: [] for p in paths}
+        blocks = 10
+        for block in range(blocks):
+            for s in sessions:
+                n = self.args.rtts * (block + 1) // blocks - self.args.rtts * block // blocks
+                for _ in range(n):
+                    t = time.perf_counter()
+                    s.once()
+                    times[s.path].append(time.perf_counter() - t)
+        for s in sessions:
+            self.close_echo(s)
+        return {p: sorted(ts) for p, ts in times.items()}
+
+    def setups(self, paths: list[str]) -> dict[str, list[float]]:
+        """`ssh HOST true`, taking turns across the paths."""
+        times: dict[str, list[float]] = {p: [] for p in paths}
         step = max(1, self.args.conns // 4)
         for i in range(self.args.conns):
-            t = time.perf_counter()
-            p = self.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            self.finish(p, f"`ssh {HOSTS[path]} true`")
-            times.append(time.perf_counter() - t)
+            for path in paths:
+                t = time.perf_counter()
+                p = self.popen(
+                    self.ssh(path, "true"),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+                self.finish(p, f"`ssh {HOSTS[path]} true`")
+                times[path].append(time.perf_counter() - t)
             if (i + 1) % step == 0 and i + 1 < self.args.conns:
-                progress(f"  setup {LABELS[path]}: {i + 1}/{self.args.conns}")
-        return sorted(times)
+                progress(f"  {i + 1}/{self.args.conns} connections per path")
+        return {p: sorted(ts) for p, ts in times.items()}
 
     def run(self, paths: list[str]) -> list[Result]:
         args = self.args
@@ -638,14 +702,12 @@ class Bench:
                 if secs <= min(r.bulk_seconds):
                     r.mib_s, r.cpu_per_gib = args.size / MiB / secs, cpu
                 progress(f"  {args.size / MiB / secs:.0f} MiB/s")
-        for p in paths:
-            progress(f"{args.rtts} round trips over {LABELS[p]}")
-            rtts = self.round_trips(p)
+        progress(f"{args.rtts} round trips per path, paths taking turns")
+        for p, rtts in self.round_trips(paths).items():
             results[p].rtt_p50_us = statistics.median(rtts) * 1e6
             results[p].rtt_p99_us = percentile(rtts, 0.99) * 1e6
-        for p in paths:
-            progress(f"{args.conns} new connections over {LABELS[p]}")
-            ts = self.setups(p)
+        progress(f"{args.conns} new connections per path, paths taking turns")
+        for p, ts in self.setups(paths).items():
             r = results[p]
             r.setup_p50_ms = statistics.median(ts) * 1e3
             r.setup_p95_ms = percentile(ts, 0.95) * 1e3
@@ -729,7 +791,7 @@ def report(results: list[Result], meta: dict[str, Any]) -> str:
         "",
         "CPU seconds per GiB of bulk output (fastest run), by process:",
     ]
-    cpu_head = ["path", "client", "wardgate all-in-one", "edge node", "jump sshd", "head", "sum"]
+    cpu_head = ["path", "client", "wardgate all-in-one", "edge node", "OpenSSH sshd", "head", "sum"]
     cpu_rows = [[*cpu_head, "other load", "machine busy"]]
     roles = {"direct": "node", "jump": "node", "wardgate": "proxy+node", "tunnel": "auth+proxy"}
     for r in results:
@@ -742,7 +804,7 @@ def report(results: list[Result], meta: dict[str, Any]) -> str:
             [
                 r.label,
                 cell("client"),
-                f"{c['wardgate']:.2f} ({roles[r.path]})",
+                f"{c['wardgate']:.2f} ({roles[r.path]})" if "wardgate" in c else "-",
                 cell("edge"),
                 cell("sshd"),
                 cell("command"),
@@ -756,13 +818,8 @@ def report(results: list[Result], meta: dict[str, Any]) -> str:
         "client = ssh + its ProxyCommand (`ward proxy ssh`) or `ssh -W` child; head = the remote",
         "command; other load = busy CPU time of the machine not accounted to any of these.",
     ]
-    by_path = {r.path: r for r in results}
-    if "direct" in by_path and "wardgate" in by_path:
-        share = by_path["wardgate"].cpu_per_gib["wardgate"] - by_path["direct"].cpu_per_gib["wardgate"]
-        out.append(
-            f"Proxy share on the wardgate path, estimated as the all-in-one's CPU there minus the same"
-            f" node's on the direct path: {share:.2f} CPU-s/GiB."
-        )
+    if any(r.path in REFERENCE_PATHS for r in results):
+        out.append("ref rows: the sshd column holds both hops (jump and target) and the remote `head`.")
     rs = ratios(results)
     if rs:
         out += ["", "Against ssh -J in this run (throughput: higher is better; latencies: lower is better):"]
@@ -780,7 +837,8 @@ def report(results: list[Result], meta: dict[str, Any]) -> str:
                 verdict = "met" if x["throughput"] >= 1.0 and x["rtt_p99"] <= 1.0 else "NOT met"
                 out.append(
                     f"  target (throughput >= ssh -J and RTT p99 <= ssh -J) for {r.label}: {verdict}"
-                    f" (throughput {x['throughput']:.2f}x, p99 {x['rtt_p99']:.2f}x)"
+                    f" (throughput {x['throughput']:.2f}x, RTT p99 {x['rtt_p99']:.2f}x,"
+                    f" p50 {x['rtt_p50']:.2f}x)"
                 )
     return "\n".join(out)
 
@@ -815,8 +873,9 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=200, help="new connections per path (default 200)")
     ap.add_argument(
         "--paths",
-        default=",".join(ALL_PATHS),
-        help=f"comma-separated subset of {','.join(ALL_PATHS)} (default all; ratios need jump)",
+        default=",".join(DEFAULT_PATHS),
+        help=f"comma-separated, from {','.join(ALL_PATHS)} (default {','.join(DEFAULT_PATHS)};"
+        " ratios need jump; openssh and openssh-j are OpenSSH-only reference rows)",
     )
     ap.add_argument(
         "--tty",
@@ -828,6 +887,11 @@ def main() -> None:
         "--malloc-tuning",
         action="store_true",
         help="run wardgate with the glibc allocator settings of DESIGN.md (default: as shipped)",
+    )
+    ap.add_argument(
+        "--cipher",
+        default="",
+        help="SSH cipher for every hop, e.g. aes128-gcm@openssh.com (default: OpenSSH's preference)",
     )
     ap.add_argument("--format", choices=["text", "json"], default="text", help="result format on stdout")
     ap.add_argument(
@@ -842,8 +906,8 @@ def main() -> None:
     for tool in ("ssh", "ssh-keygen"):
         if shutil.which(tool) is None:
             ap.error(f"{tool} (OpenSSH) is not installed")
-    if "jump" in paths and not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
-        ap.error("sshd (OpenSSH server) is not installed: drop `jump` from --paths")
+    if set(paths) & set(NEEDS_SSHD) and not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
+        ap.error(f"sshd (OpenSSH server) is not installed: drop {', '.join(NEEDS_SSHD)} from --paths")
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -854,10 +918,10 @@ def main() -> None:
     results: list[Result] = []
     try:
         with contextlib.ExitStack() as stack:
-            bed = Bed(tmp, stack, server_env=MALLOC_ENV if args.malloc_tuning else {})
+            bed = Bed(tmp, stack, server_env=MALLOC_ENV if args.malloc_tuning else {}, cipher=args.cipher)
             bed.start_main()
             bed.add_user_and_login()
-            if "jump" in paths:
+            if set(paths) & set(NEEDS_SSHD):
                 bed.start_jump()
             if "tunnel" in paths:
                 bed.start_edge()
