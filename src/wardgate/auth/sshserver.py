@@ -1,15 +1,23 @@
-"""Certificate-only SSH server authentication, shared by the SSH node and the proxy's recording
-mode for agentless nodes: only user certificates signed by the user CA are accepted, each
-(login, certificate) is decided once per connection, and a client that keeps offering refused
-certificates is disconnected."""
+"""Certificate-only SSH servers, shared by the SSH node and the proxy's recording mode for
+agentless nodes: only user certificates signed by the user CA are accepted, each (login,
+certificate) is decided once per connection, a client that keeps offering refused certificates
+is disconnected, and the roles' `disconnect_expired_cert` and `client_idle_timeout` end the
+connection when due."""
 
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import asyncssh
+
+from wardgate.api.resources import RoleOptions
+from wardgate.auth.certs import rfc3339
+from wardgate.auth.identity import Identity
+from wardgate.durations import format_duration
 
 MAX_AUTH_TRIES = 6
 
@@ -40,6 +48,11 @@ class CertificateAuthServer(asyncssh.SSHServer, abc.ABC):
     def __init__(self) -> None:
         self._decisions: dict[tuple[str, bytes], Any] = {}
         self._refusals = 0
+        self.identity: Identity | None = None
+        self.options = RoleOptions()
+        self.last_activity = 0.0
+        self._timers: list[asyncio.TimerHandle] = []
+        self._closing = False
 
     @abc.abstractmethod
     def trusted_user_ca_keys(self) -> Sequence[str]: ...
@@ -51,6 +64,10 @@ class CertificateAuthServer(asyncssh.SSHServer, abc.ABC):
     @abc.abstractmethod
     def refused(self, username: str, blob: bytes, decision: Any) -> None:
         """Tell the user (banner) and the audit log why."""
+
+    @abc.abstractmethod
+    def terminate(self, reason: str) -> None:
+        """End the connection with a word to the user (lock, expiry, idle, shutdown)."""
 
     def decision_for(self, username: str, blob: bytes) -> Any:
         return self._decisions.get((username, blob))
@@ -89,3 +106,39 @@ class CertificateAuthServer(asyncssh.SSHServer, abc.ABC):
             self.conn.disconnect(
                 asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "too many refused certificates"
             )
+
+    # ---- what the roles enforce once a user is in
+
+    def auth_completed(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.last_activity = loop.time()
+        ident = self.identity
+        if self.options.disconnect_expired_cert and ident is not None and ident.expires is not None:
+            delay = (ident.expires - datetime.now(UTC)).total_seconds()
+            reason = f"your certificate expired at {rfc3339(ident.expires)}"
+            self._timers.append(loop.call_later(max(delay, 0), self.terminate, reason))
+        idle = self.options.client_idle_timeout
+        if idle is not None and idle.total_seconds() > 0:
+            self._timers.append(loop.call_later(idle.total_seconds(), self._check_idle))
+
+    def touch(self) -> None:
+        """Client activity (input, new channels): what the idle timeout measures."""
+        self.last_activity = asyncio.get_running_loop().time()
+
+    def _check_idle(self) -> None:
+        idle = self.options.client_idle_timeout
+        if idle is None or self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        left = self.last_activity + idle.total_seconds() - loop.time()
+        if left > 0:
+            self._timers.append(loop.call_later(left, self._check_idle))
+            return
+        self.terminate(f"client exceeded the idle timeout of {format_duration(idle)}, disconnecting")
+
+    def stop_timers(self) -> None:
+        """The connection is going: no timer may fire on it any more."""
+        self._closing = True
+        for t in self._timers:
+            t.cancel()
+        self._timers.clear()

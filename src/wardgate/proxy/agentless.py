@@ -51,12 +51,11 @@ from wardgate.api.uploader import RecordingUploader
 from wardgate.audit.events import Emitter
 from wardgate.audit.recording import RecordingWriter, recover_orphans
 from wardgate.auth.access import check_ssh_access
-from wardgate.auth.certs import rfc3339, verify_ssh_user_cert
+from wardgate.auth.certs import verify_ssh_user_cert
 from wardgate.auth.identity import Identity
 from wardgate.auth.locks import lock_applies, lock_decision, lock_in_force
 from wardgate.auth.rbac import AccessChecker
 from wardgate.auth.sshserver import CertificateAuthServer, key_line
-from wardgate.durations import format_duration
 from wardgate.errors import AuthenticationError, WardgateError
 from wardgate.protocols.sftp import SftpOp, SftpWatcher
 
@@ -389,14 +388,9 @@ class _Connection(CertificateAuthServer):
         self.port = port
         self.conn: asyncssh.SSHServerConnection | None = None
         self.upstream: asyncssh.SSHClientConnection | None = None
-        self.identity: Identity | None = None
         self.login = ""
-        self.options = RoleOptions()
         self.sessions: set[_Bridge] = set()
         self.closed = asyncio.Event()
-        self._timers: list[asyncio.TimerHandle] = []
-        self._closing = False
-        self.last_activity = 0.0
 
     @property
     def user(self) -> str:
@@ -418,10 +412,7 @@ class _Connection(CertificateAuthServer):
         self.conn = conn
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closing = True
-        for t in self._timers:
-            t.cancel()
-        self._timers.clear()
+        self.stop_timers()
         for s in list(self.sessions):
             s.client_gone(exc)
         self.drop_upstream()
@@ -535,34 +526,6 @@ class _Connection(CertificateAuthServer):
         await upstream.wait_closed()
         if self.upstream is upstream:
             self._upstream_closed(None)
-
-    def auth_completed(self) -> None:
-        """The role options the node would enforce: expiry of the certificate, idle timeout."""
-        loop = asyncio.get_running_loop()
-        self.last_activity = loop.time()
-        ident = self.identity
-        if self.options.disconnect_expired_cert and ident is not None and ident.expires is not None:
-            delay = (ident.expires - datetime.now(UTC)).total_seconds()
-            reason = f"your certificate expired at {rfc3339(ident.expires)}"
-            self._timers.append(loop.call_later(max(delay, 0), self.terminate, reason))
-        idle = self.options.client_idle_timeout
-        if idle is not None and idle.total_seconds() > 0:
-            self._timers.append(loop.call_later(idle.total_seconds(), self._check_idle))
-
-    def touch(self) -> None:
-        """Client activity (input, new channels): what the idle timeout measures."""
-        self.last_activity = asyncio.get_running_loop().time()
-
-    def _check_idle(self) -> None:
-        idle = self.options.client_idle_timeout
-        if idle is None or self._closing:
-            return
-        loop = asyncio.get_running_loop()
-        left = self.last_activity + idle.total_seconds() - loop.time()
-        if left > 0:
-            self._timers.append(loop.call_later(left, self._check_idle))
-            return
-        self.terminate(f"client exceeded the idle timeout of {format_duration(idle)}, disconnecting")
 
     # ------------------------------------------------------------ channels
 

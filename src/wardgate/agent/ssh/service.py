@@ -51,12 +51,11 @@ from wardgate.api.resources import Lock, Node, NodeSpec, RoleOptions
 from wardgate.audit.events import Emitter
 from wardgate.audit.recording import recover_orphans
 from wardgate.auth.access import check_ssh_access
-from wardgate.auth.certs import rfc3339, verify_ssh_user_cert
+from wardgate.auth.certs import verify_ssh_user_cert
 from wardgate.auth.identity import Identity
 from wardgate.auth.locks import lock_applies, lock_decision, lock_in_force
 from wardgate.auth.rbac import AccessChecker
 from wardgate.auth.sshserver import CertificateAuthServer
-from wardgate.durations import format_duration
 from wardgate.errors import AuthenticationError
 
 __all__ = ["DEFAULT_ENV_ALLOW", "SSHNodeOptions", "SSHNodeService", "node_resource"]
@@ -204,14 +203,9 @@ class _NodeServer(CertificateAuthServer):
         self.conn: _NodeConnection | None = None
         self.remote_addr: tuple[str, int] = ("", 0)
         self.local_addr: tuple[str, int] = ("", 0)
-        self.identity: Identity | None = None
         self.login: LoginUser | None = None
         self.checker: AccessChecker | None = None
-        self.options: RoleOptions = RoleOptions()
         self.sessions: set[NodeSession] = set()
-        self.last_activity = 0.0
-        self._timers: list[asyncio.TimerHandle] = []
-        self._closing = False
 
     @property
     def user(self) -> str:
@@ -238,10 +232,7 @@ class _NodeServer(CertificateAuthServer):
         self.service._servers.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closing = True
-        for t in self._timers:
-            t.cancel()
-        self._timers.clear()
+        self.stop_timers()
         self.service._servers.discard(self)
 
     # ------------------------------------------------------------ authentication
@@ -296,34 +287,6 @@ class _NodeServer(CertificateAuthServer):
             return
         self.identity, self.login, self.checker = d.identity, d.login, d.checker
         self.options = d.checker.options if d.checker else RoleOptions()
-
-    def auth_completed(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.last_activity = loop.time()
-        ident = self.identity
-        if self.options.disconnect_expired_cert and ident is not None and ident.expires is not None:
-            delay = (ident.expires - datetime.now(UTC)).total_seconds()
-            when = rfc3339(ident.expires)
-            self._timers.append(
-                loop.call_later(max(delay, 0), self.terminate, f"your certificate expired at {when}")
-            )
-        idle = self.options.client_idle_timeout
-        if idle is not None and idle.total_seconds() > 0:
-            self._timers.append(loop.call_later(idle.total_seconds(), self._check_idle))
-
-    def touch(self) -> None:
-        self.last_activity = asyncio.get_running_loop().time()
-
-    def _check_idle(self) -> None:
-        idle = self.options.client_idle_timeout
-        if idle is None or self._closing:
-            return
-        loop = asyncio.get_running_loop()
-        left = self.last_activity + idle.total_seconds() - loop.time()
-        if left > 0:
-            self._timers.append(loop.call_later(left, self._check_idle))
-            return
-        self.terminate(f"client exceeded the idle timeout of {format_duration(idle)}, disconnecting")
 
     def terminate(self, reason: str) -> None:
         """Close every session with `reason` shown to the user, then drop the connection."""
