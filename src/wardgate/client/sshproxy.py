@@ -172,7 +172,7 @@ async def _fd_reader(fd: int) -> tuple[Callable[[], Awaitable[bytes]], Callable[
     return (lambda: reader.read(CHUNK)), transport.close
 
 
-async def _fd_writer(fd: int) -> tuple[Callable[[bytes], Awaitable[None]], Callable[[], None]]:
+async def _fd_writer(fd: int) -> tuple[Callable[[bytes], Awaitable[None]], Callable[[], Awaitable[None]]]:
     loop = asyncio.get_running_loop()
     pipe = open(os.dup(fd), "wb", buffering=0)  # noqa: SIM115, ASYNC230 - a dup of an open fd, owned by the transport
     try:
@@ -190,14 +190,24 @@ async def _fd_writer(fd: int) -> tuple[Callable[[bytes], Awaitable[None]], Calla
         async def write_file(data: bytes) -> None:
             await loop.run_in_executor(None, write_all, data)
 
-        return write_file, lambda: None
+        async def nothing_to_close() -> None:
+            return None
+
+        return write_file, nothing_to_close
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
 
     async def write_pipe(data: bytes) -> None:
         writer.write(data)
         await writer.drain()
 
-    return write_pipe, transport.close
+    async def close_pipe() -> None:
+        """Close only once every buffered byte reached the pipe: returning earlier would end the
+        event loop (and the process) with the tail of the output still in our buffer."""
+        transport.close()
+        with contextlib.suppress(OSError, ConnectionError):
+            await writer.wait_closed()
+
+    return write_pipe, close_pipe
 
 
 async def relay_stdio(
@@ -227,7 +237,7 @@ async def relay_stdio(
             await up
         writer.close()
         close_in()
-        close_out()
+        await close_out()
         for fd, mode in blocking.items():
             with contextlib.suppress(OSError):
                 os.set_blocking(fd, mode)
