@@ -411,7 +411,7 @@ def test_too_many_refused_certificates_drop_the_connection(node: NodeHarness) ->
         cmd += ["-i", str(key), "-o", f"CertificateFile={cert}"]
     r = subprocess.run([*cmd, "-p", str(node.port), "root@127.0.0.1", "true"], capture_output=True, text=True)
     assert r.returncode == 255 and "too many refused certificates" in r.stderr, r.stderr
-    node.call(node.service._audit.join())  # every queued audit event written
+    node.call(node.service._audit.flush())  # every queued audit event written
     assert len([e for e in node.emitter.events if e["event"] == "auth" and e["user"] == "prober"]) == 6
 
 

@@ -49,6 +49,7 @@ from wardgate.api.events import ResourceEvent, ResourceEventType
 from wardgate.api.resources import CertAuthority, Lock, Node, RoleOptions
 from wardgate.api.uploader import RecordingUploader
 from wardgate.audit.events import Emitter
+from wardgate.audit.queue import QueuedEmitter
 from wardgate.audit.recording import RecordingWriter, recover_orphans
 from wardgate.auth.access import check_ssh_access
 from wardgate.auth.certs import verify_ssh_user_cert
@@ -128,7 +129,7 @@ class AgentlessRecorder:
         self._cert_locks: dict[str, asyncio.Lock] = {}
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._audit: asyncio.Queue[tuple[str, str, bool, str, dict[str, Any]]] = asyncio.Queue()
+        self._audit = QueuedEmitter(emitter, name="agentless-audit")
         self._workers: list[asyncio.Task[None]] = []
         self._unsubscribe: Any = None
 
@@ -139,10 +140,8 @@ class AgentlessRecorder:
         self.recordings_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for p in await asyncio.to_thread(recover_orphans, self.recordings_dir):
             log.warning("recovered agentless recording %s left by an earlier run", p.name)
-        self._workers = [
-            asyncio.create_task(self._write_audit(), name="agentless-audit"),
-            asyncio.create_task(self.uploader.run(), name="agentless-uploads"),
-        ]
+        self._audit.start()
+        self._workers = [asyncio.create_task(self.uploader.run(), name="agentless-uploads")]
         self._unsubscribe = self.cache.subscribe(self._on_resource)
 
     async def close(self) -> None:
@@ -159,8 +158,7 @@ class AgentlessRecorder:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.uploader.upload_pending()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._audit.join(), 10)
+        await self._audit.close(grace=10)
         for w in self._workers:
             w.cancel()
         for w in self._workers:
@@ -335,17 +333,7 @@ class AgentlessRecorder:
 
     def emit(self, event: str, *, user: str = "", success: bool = True, sid: str = "", **fields: Any) -> None:
         """Queue an audit event; one writer keeps them in the order they happened."""
-        self._audit.put_nowait((event, user, success, sid, fields))
-
-    async def _write_audit(self) -> None:
-        while True:
-            event, user, success, sid, fields = await self._audit.get()
-            try:
-                await self.emitter.emit(event, user=user, success=success, sid=sid, **fields)
-            except Exception:
-                log.exception("could not write audit event %s", event)
-            finally:
-                self._audit.task_done()
+        self._audit.emit_nowait(event, user=user, success=success, sid=sid, **fields)
 
     async def finish_recording(self, rec: RecordingWriter) -> None:
         try:

@@ -49,6 +49,7 @@ from wardgate.api.cache import ResourceCache
 from wardgate.api.events import ResourceEvent, ResourceEventType
 from wardgate.api.resources import Lock, Node, NodeSpec, RoleOptions
 from wardgate.audit.events import Emitter
+from wardgate.audit.queue import QueuedEmitter
 from wardgate.audit.recording import recover_orphans
 from wardgate.auth.access import check_ssh_access
 from wardgate.auth.certs import verify_ssh_user_cert
@@ -424,8 +425,7 @@ class SSHNodeService:
         self._children: set[Child] = set()
         self._children_changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._audit: asyncio.Queue[tuple[str, str, bool, str, dict[str, Any]]] = asyncio.Queue()
-        self._audit_worker: asyncio.Task[None] | None = None
+        self._audit = QueuedEmitter(emitter, name="ssh-node-audit")
         self._conn_options: asyncssh.SSHServerConnectionOptions | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -455,7 +455,7 @@ class SSHNodeService:
         for p in recovered:
             log.warning("recovered recording %s left by an earlier run", p.name)
         self._conn_options = await self._build_options()
-        self._audit_worker = asyncio.create_task(self._write_audit(), name="ssh-node-audit")
+        self._audit.start()
         self._unsubscribe = self.cache.subscribe(self._on_resource)
         await self.labels.start()
 
@@ -516,12 +516,7 @@ class SSHNodeService:
             await self._wait_children(SHUTDOWN_GRACE)
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        await self._audit.join()
-        if self._audit_worker is not None:
-            self._audit_worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._audit_worker
-            self._audit_worker = None
+        await self._audit.close()
 
     # ------------------------------------------------------------ handing connections over
 
@@ -628,14 +623,4 @@ class SSHNodeService:
         self, event: str, *, user: str = "", success: bool = True, sid: str = "", **fields: Any
     ) -> None:
         """Queue an audit event; one writer keeps them in the order they happened."""
-        self._audit.put_nowait((event, user, success, sid, fields))
-
-    async def _write_audit(self) -> None:
-        while True:
-            event, user, success, sid, fields = await self._audit.get()
-            try:
-                await self.emitter.emit(event, user=user, success=success, sid=sid, **fields)
-            except Exception:
-                log.exception("could not write audit event %s", event)
-            finally:
-                self._audit.task_done()
+        self._audit.emit_nowait(event, user=user, success=success, sid=sid, **fields)
