@@ -4,7 +4,7 @@ set -euo pipefail
 need=()
 # A fresh Debian/Ubuntu has python3 but not always venv/pip support.
 python3 -c "import ensurepip, venv" 2>/dev/null || need+=(python3-venv)
-[ "${1:-}" = "--python-only" ] && pairs="" || pairs="ssh-keygen:openssh-client sshd:openssh-server"
+[ "${1:-}" = "--python-only" ] && pairs="" || pairs="ssh-keygen:openssh-client sshd:openssh-server chromium:chromium"
 for pair in $pairs; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")

@@ -253,10 +253,29 @@ class LockoutConfig(Model):
         return v
 
 
+class WebAuthnSettings(Model):
+    rp_id: str = ""
+    """The WebAuthn relying party id: a domain name (not an IP address); empty means the host of
+    the proxy's public address (`localhost` when that is a loopback address)."""
+    origins: list[str] = Field(default_factory=list)
+    """Pages allowed to use passkeys, like https://proxy.example.com:3080; empty means the proxy's."""
+
+    @field_validator("origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for o in v:
+            if not o.startswith("https://") or o.rstrip("/") != o:
+                raise ValueError(f"origin {o!r} must look like https://host[:port] with no path")
+        return v
+
+
 class AuthenticationConfig(Model):
     type: str = "local"
     second_factor: Annotated[Literal["otp", "webauthn", "on", "off"], Switch] = "otp"
     """`on` accepts either OTP or WebAuthn; `off` allows password-only logins."""
+    passwordless: bool = False
+    """Allow signing in to the web UI with a passkey alone (no password)."""
+    webauthn: WebAuthnSettings = Field(default_factory=WebAuthnSettings)
     password_min_length: int = Field(default=12, ge=6, le=128)
     lockout: LockoutConfig = Field(default_factory=LockoutConfig)
 
@@ -345,6 +364,15 @@ class ProxyServiceConfig(Model):
     """host:port users and agents reach the proxy at (behind NAT or a load balancer)."""
     https_keypairs: list[KeyPairConfig] = Field(default_factory=list)
     """Web certificates; empty means a self-signed one kept under data_dir."""
+    web_idle_timeout: Duration = timedelta(minutes=30)
+    """A browser session ends after this long without activity."""
+
+    @field_validator("web_idle_timeout")
+    @classmethod
+    def _idle(cls, v: timedelta) -> timedelta:
+        if v < timedelta(minutes=1):
+            raise ValueError("web_idle_timeout must be at least 1m, like 30m")
+        return v
 
 
 class CommandLabelConfig(Model):
@@ -595,6 +623,13 @@ auth_service:
     type: local
     # otp, webauthn, on (either) or off (password only).
     second_factor: otp
+    # Allow web sign-in with a passkey alone (no password).
+    passwordless: false
+    webauthn:
+      # Relying party id for passkeys: a domain; empty means the proxy's public host.
+      rp_id: ""
+      # Pages allowed to use passkeys; empty means https://<proxy public address>.
+      origins: []
     # Shortest password accepted.
     password_min_length: 12
     lockout:
@@ -624,6 +659,8 @@ proxy_service:
   #   - key_file: /etc/wardgate/privkey.pem
   #     cert_file: /etc/wardgate/fullchain.pem
   https_keypairs: []
+  # A browser session ends after this long without activity.
+  web_idle_timeout: 30m
 
 ssh_service:
   # Run an SSH node in this process.

@@ -243,6 +243,54 @@ class AuthClient:
             body["mfa_verified"] = mfa_verified
         return await self.call("POST", "/v1/certs/impersonate", body)
 
+    # ---- web sessions (the proxy, for browsers)
+
+    async def webauthn_login_begin(self, **body: Any) -> dict[str, Any]:
+        """`user`+`password`, or `passwordless=True` → `webauthn` request options."""
+        return await self.call("POST", "/v1/webauthn/login/begin", body)
+
+    async def create_web_session(self, **body: Any) -> dict[str, Any]:
+        """Proxy only: sign a browser in → the session (id, token, keys, certificates)."""
+        return await self.call("POST", "/v1/web/sessions", body)
+
+    async def register_web_session(self, **body: Any) -> dict[str, Any]:
+        """Proxy only: accept an invitation and sign the new user in."""
+        return await self.call("POST", "/v1/web/register", body)
+
+    async def get_web_session(self, session_id: str) -> dict[str, Any]:
+        return await self.call("POST", "/v1/web/sessions/get", {"session_id": session_id})
+
+    async def delete_web_session(self, session_id: str) -> None:
+        await self.call("POST", "/v1/web/sessions/delete", {"session_id": session_id})
+
+    async def renew_web_session(self, session_id: str) -> dict[str, Any]:
+        return await self.call("POST", "/v1/web/sessions/renew", {"session_id": session_id})
+
+    # ---- the caller's own second factors
+
+    async def mfa_challenge(self) -> dict[str, Any]:
+        """→ `otp` (bool) and `webauthn` (request options or None) for the caller's devices."""
+        return await self.call("POST", "/v1/mfa/challenge", {})
+
+    async def mfa_devices(self) -> list[dict[str, Any]]:
+        return list((await self.call("GET", "/v1/mfa/devices")).get("items") or [])
+
+    async def mfa_add_begin(self, **body: Any) -> dict[str, Any]:
+        return await self.call("POST", "/v1/mfa/devices/begin", body)
+
+    async def mfa_add_finish(self, **body: Any) -> dict[str, Any]:
+        return await self.call("POST", "/v1/mfa/devices", body)
+
+    async def mfa_delete(self, name: str, **body: Any) -> None:
+        await self.call("DELETE", f"/v1/mfa/devices/{name}", body)
+
+    async def change_password(self, **body: Any) -> None:
+        await self.call("PUT", "/v1/password", body)
+
+    async def session_mfa_certs(self, **body: Any) -> dict[str, Any]:
+        """`ssh_public_key`/`tls_public_key` + `otp` or `webauthn` → one-minute MFA-verified certs."""
+        return await self.call("POST", "/v1/certs/session-mfa", body)
+
     async def heartbeat(self, res: Resource) -> Resource:
         return resource_from_dict(
             await self.call("POST", "/v1/nodes/heartbeat", {"resource": resource_to_dict(res)})
@@ -255,6 +303,10 @@ class AuthClient:
 
     async def explain(self, user: str, node: str, login: str) -> dict[str, Any]:
         return await self.call("POST", "/v1/access/explain", {"user": user, "node": node, "login": login})
+
+    async def active_sessions(self) -> list[dict[str, Any]]:
+        """Live sessions the caller may see (own, or joinable, or all with session list rights)."""
+        return list((await self.call("GET", "/v1/sessions/active")).get("items") or [])
 
     async def find_session(self, sid: str) -> dict[str, Any]:
         return await self.call("GET", f"/v1/sessions/{sid}")

@@ -29,6 +29,7 @@ from wardgate.api.identityfile import load_key_pair
 from wardgate.api.resources import LockTarget
 from wardgate.auth.identity import Identity
 from wardgate.auth.server import AuthServer, HostCerts, UserCerts
+from wardgate.auth.websessions import WebSessionRecord
 from wardgate.durations import format_duration, parse_duration
 from wardgate.errors import (
     AuthenticationError,
@@ -39,7 +40,14 @@ from wardgate.errors import (
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = {"/v1/ping", "/v1/join", "/v1/invites/begin", "/v1/invites/complete", "/v1/login"}
+PUBLIC_PATHS = {
+    "/v1/ping",
+    "/v1/join",
+    "/v1/invites/begin",
+    "/v1/invites/complete",
+    "/v1/login",
+    "/v1/webauthn/login/begin",
+}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 IDENTITY = web.RequestKey("identity", Identity)
 
@@ -113,6 +121,19 @@ class AuthAPI:
         r.add_post("/v1/invites/begin", self.invite_begin)
         r.add_post("/v1/invites/complete", self.invite_complete)
         r.add_post("/v1/login", self.login)
+        r.add_post("/v1/webauthn/login/begin", self.webauthn_login_begin)
+        r.add_post("/v1/web/sessions", self.create_web_session)
+        r.add_post("/v1/web/register", self.register_web_session)
+        r.add_post("/v1/web/sessions/get", self.get_web_session)
+        r.add_post("/v1/web/sessions/delete", self.delete_web_session)
+        r.add_post("/v1/web/sessions/renew", self.renew_web_session)
+        r.add_post("/v1/mfa/challenge", self.mfa_challenge)
+        r.add_get("/v1/mfa/devices", self.mfa_devices)
+        r.add_post("/v1/mfa/devices/begin", self.mfa_add_begin)
+        r.add_post("/v1/mfa/devices", self.mfa_add_finish)
+        r.add_delete("/v1/mfa/devices/{name}", self.mfa_delete)
+        r.add_put("/v1/password", self.change_password)
+        r.add_post("/v1/certs/session-mfa", self.session_mfa_certs)
         r.add_get("/v1/status", self.status)
         r.add_get("/v1/whoami", self.whoami)
         r.add_get("/v1/resources/{kind}", self.list_resources)
@@ -135,6 +156,7 @@ class AuthAPI:
         r.add_post("/v1/events", self.emit_events)
         r.add_get("/v1/events", self.search_events)
         r.add_get("/v1/watch", self.watch)
+        r.add_get("/v1/sessions/active", self.active_sessions)
         r.add_get("/v1/sessions/{sid}", self.find_session)
         r.add_get("/v1/recordings", self.list_recordings)
         r.add_get("/v1/recordings/{sid}", self.get_recording)
@@ -245,6 +267,8 @@ class AuthAPI:
                 "cluster_name": self.auth.cluster_name,
                 "server_version": __version__,
                 "second_factor": self.auth.cfg.prefs.second_factor,
+                "passwordless": self.auth.cfg.prefs.passwordless,
+                "webauthn_rp_id": self.auth.cfg.prefs.webauthn.rp_id if self.auth.cfg.prefs.webauthn else "",
                 "server_time": datetime.now(UTC).isoformat(),
                 "host_ca_pems": trust["host_ca_pems"],
             }
@@ -299,6 +323,140 @@ class AuthAPI:
             tls_public_key=str(d.get("tls_public_key", "")),
             ttl=self._ttl(d),
             remote_addr=self._client_addr(request, d),
+        )
+        return web.json_response(_user_certs_json(certs, self.auth))
+
+    async def webauthn_login_begin(self, request: web.Request) -> web.Response:
+        """The WebAuthn challenge for a sign-in: after the password, or passwordless."""
+        d = await self._body(request)
+        addr = self._client_addr(request, d)
+        if d.get("passwordless"):
+            return web.json_response(await self.auth.users.begin_passwordless())
+        return web.json_response(
+            await self.auth.users.begin_login_challenge(
+                str(d.get("user", "")), str(d.get("password", "")), remote_addr=addr
+            )
+        )
+
+    # ------------------------------------------------------------------ web sessions (proxy only)
+
+    @staticmethod
+    def _webauthn(d: dict[str, Any]) -> dict[str, Any] | None:
+        v = d.get("webauthn")
+        if v is None:
+            return None
+        if not isinstance(v, dict):
+            raise BadParameterError("webauthn must be the credential as a JSON object")
+        return v
+
+    @staticmethod
+    def _web_session_json(rec: WebSessionRecord, token: str = "") -> dict[str, Any]:
+        out = rec.to_json()
+        if token:
+            out["token"] = token
+        return out
+
+    async def create_web_session(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        rec, token = await self.auth.create_web_session(
+            request[IDENTITY],
+            user=str(d.get("user", "")),
+            password=str(d.get("password", "")),
+            otp=str(d.get("otp", "")),
+            webauthn=self._webauthn(d),
+            remote_addr=self._client_addr(request, d),
+        )
+        return web.json_response(self._web_session_json(rec, token), status=201)
+
+    async def register_web_session(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        self._client_addr(request, d)  # rate limit guesses at invitation tokens per user address
+        rec, token = await self.auth.register_web_session(
+            request[IDENTITY],
+            str(d.get("token", "")),
+            password=str(d.get("password", "")),
+            otp=str(d.get("otp", "")),
+            webauthn=self._webauthn(d),
+            device_name=str(d.get("device_name", "")),
+        )
+        return web.json_response(self._web_session_json(rec, token), status=201)
+
+    async def get_web_session(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        rec = await self.auth.get_web_session(request[IDENTITY], str(d.get("session_id", "")))
+        return web.json_response(self._web_session_json(rec))
+
+    async def delete_web_session(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        await self.auth.delete_web_session(request[IDENTITY], str(d.get("session_id", "")))
+        return web.json_response({})
+
+    async def renew_web_session(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        rec, token = await self.auth.renew_web_session(request[IDENTITY], str(d.get("session_id", "")))
+        return web.json_response(self._web_session_json(rec, token))
+
+    # ------------------------------------------------------------------ the caller's own second factors
+
+    async def mfa_challenge(self, request: web.Request) -> web.Response:
+        name = self.auth.self_user(request[IDENTITY])
+        return web.json_response(await self.auth.users.mfa_challenge(name))
+
+    async def mfa_devices(self, request: web.Request) -> web.Response:
+        name = self.auth.self_user(request[IDENTITY])
+        return web.json_response({"items": await self.auth.users.mfa_devices(name)})
+
+    async def mfa_add_begin(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        name = self.auth.self_user(request[IDENTITY])
+        out = await self.auth.users.begin_add_device(
+            name,
+            str(d.get("type", "")),
+            str(d.get("name", "")),
+            otp_code=str(d.get("otp", "")),
+            webauthn_response=self._webauthn(d),
+        )
+        return web.json_response(out)
+
+    async def mfa_add_finish(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        name = self.auth.self_user(request[IDENTITY])
+        out = await self.auth.users.finish_add_device(
+            name, str(d.get("name", "")), otp_code=str(d.get("otp", "")), webauthn_response=self._webauthn(d)
+        )
+        return web.json_response(out, status=201)
+
+    async def mfa_delete(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        name = self.auth.self_user(request[IDENTITY])
+        await self.auth.users.delete_device(
+            name,
+            request.match_info["name"],
+            otp_code=str(d.get("otp", "")),
+            webauthn_response=self._webauthn(d),
+        )
+        return web.json_response({})
+
+    async def change_password(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        name = self.auth.self_user(request[IDENTITY])
+        await self.auth.users.change_password(
+            name,
+            str(d.get("old_password", "")),
+            str(d.get("new_password", "")),
+            otp_code=str(d.get("otp", "")),
+            webauthn_response=self._webauthn(d),
+        )
+        return web.json_response({})
+
+    async def session_mfa_certs(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        certs = await self.auth.session_mfa_certs(
+            request[IDENTITY],
+            ssh_public_key=str(d.get("ssh_public_key", "")),
+            tls_public_key=str(d.get("tls_public_key", "")),
+            otp=str(d.get("otp", "")),
+            webauthn=self._webauthn(d),
         )
         return web.json_response(_user_certs_json(certs, self.auth))
 
@@ -534,6 +692,9 @@ class AuthAPI:
             order=q.get("order", "desc"),
         )
         return web.json_response({"events": events, "cursor": cursor})
+
+    async def active_sessions(self, request: web.Request) -> web.Response:
+        return web.json_response({"items": await self.auth.active_sessions(request[IDENTITY])})
 
     async def find_session(self, request: web.Request) -> web.Response:
         return web.json_response(await self.auth.find_session(request[IDENTITY], request.match_info["sid"]))

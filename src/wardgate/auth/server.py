@@ -45,6 +45,7 @@ from wardgate.auth.rbac import BUILTIN_ROLES, AccessChecker, AccessDecision, rol
 from wardgate.auth.storage import ResourceStore
 from wardgate.auth.tokens import TokenManager
 from wardgate.auth.users import AuthPreference, Invite, UserManager
+from wardgate.auth.websessions import WebSessionRecord, WebSessionStore, digest
 from wardgate.backend.base import Backend
 from wardgate.errors import (
     AccessDeniedError,
@@ -53,7 +54,17 @@ from wardgate.errors import (
     BadParameterError,
     NotFoundError,
 )
-from wardgate.keys import load_x509_pem_list, ssh_fingerprint, tls_ca_pin
+from wardgate.keys import (
+    generate_ssh_key,
+    generate_tls_key,
+    load_x509_pem_list,
+    private_key_pem,
+    public_key_pem,
+    ssh_fingerprint,
+    ssh_private_key_openssh,
+    ssh_public_key_line,
+    tls_ca_pin,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +78,8 @@ enough for one SSH handshake (sshd checks it only then), short enough to be usel
 AGENTLESS_HOST_CERT_TTL = timedelta(hours=1)
 """Lifetime of the host certificate a proxy presents for an agentless node (renewed before)."""
 ADMIN_USER = "admin"
+SESSION_MFA_TTL = timedelta(minutes=1)
+"""Lifetime of a per-session MFA certificate: one connection's worth (nodes check it at connect)."""
 
 # What each system role may do through the API (kind -> verbs). `admin` may do everything.
 SERVICE_RULES: dict[str, dict[str, set[str]]] = {
@@ -144,6 +157,7 @@ class AuthServer:
         self.clock = clock
         self.users = UserManager(self.store, audit, cfg.prefs, cluster_name=cfg.cluster_name, clock=clock)
         self.tokens = TokenManager(self.store, audit, static=cfg.static_tokens, clock=clock)
+        self.web_sessions = WebSessionStore(self.store)
         self.cache = ResourceCache(CACHED_KINDS)
         self._signers: dict[str, CertSigner] = {}
         self._cache_task: asyncio.Task[None] | None = None
@@ -488,6 +502,131 @@ class AuthServer:
             by=caller.user,
         )
 
+    # ------------------------------------------------------------------ web sessions (proxy only)
+
+    async def create_web_session(
+        self,
+        caller: Identity,
+        *,
+        user: str = "",
+        password: str = "",
+        otp: str = "",
+        webauthn: dict[str, Any] | None = None,
+        remote_addr: str = "",
+    ) -> tuple[WebSessionRecord, str]:
+        """Sign a browser in: password + second factor, or a passkey alone (passwordless)."""
+        self._require_proxy(caller, "create web sessions")
+        if webauthn is not None and not user and not password:
+            found = await self.users.authenticate_passwordless(webauthn, remote_addr=remote_addr)
+            return await self._new_web_session(found, method="passwordless")
+        found = await self.users.authenticate(
+            user, password, otp, webauthn_response=webauthn, remote_addr=remote_addr
+        )
+        return await self._new_web_session(found, method="local")
+
+    async def register_web_session(
+        self,
+        caller: Identity,
+        token: str,
+        *,
+        password: str,
+        otp: str = "",
+        webauthn: dict[str, Any] | None = None,
+        device_name: str = "",
+    ) -> tuple[WebSessionRecord, str]:
+        """Accept an invitation from the browser and sign the new user in."""
+        self._require_proxy(caller, "register users from the web")
+        user = await self.users.complete_registration(
+            token, password, otp, webauthn_response=webauthn, device_name=device_name
+        )
+        return await self._new_web_session(user, method="invite")
+
+    async def _new_web_session(
+        self, user: User, *, method: str, expires: datetime | None = None
+    ) -> tuple[WebSessionRecord, str]:
+        now = self.now()
+        ssh_key, tls_key = generate_ssh_key(), generate_tls_key()
+        certs = await self.issue_user_certs(
+            user,
+            ssh_public_key=ssh_public_key_line(ssh_key),
+            tls_public_key=public_key_pem(tls_key),
+            ttl=(expires - now) if expires else None,
+            by=user.name,
+        )
+        session_id, token = WebSessionStore.new_secrets()
+        assert certs.identity.expires is not None
+        ends = min(certs.identity.expires, expires) if expires else certs.identity.expires
+        rec = WebSessionRecord(
+            id=session_id,
+            user=user.name,
+            token_hash=digest(token),
+            created=now,
+            expires=ends,
+            ssh_key=ssh_private_key_openssh(ssh_key),
+            ssh_cert=certs.ssh_cert,
+            tls_key=private_key_pem(tls_key),
+            tls_cert=certs.tls_cert,
+            login_method=method,
+        )
+        await self.web_sessions.put(rec)
+        await self.audit.emit(
+            "web.session.create", user=user.name, method=method, expires=rec.expires.isoformat()
+        )
+        return rec, token
+
+    async def get_web_session(self, caller: Identity, session_id: str) -> WebSessionRecord:
+        self._require_proxy(caller, "read web sessions")
+        return await self.web_sessions.get(session_id, now=self.now())
+
+    async def delete_web_session(self, caller: Identity, session_id: str) -> None:
+        self._require_proxy(caller, "end web sessions")
+        try:
+            rec = await self.web_sessions.get(session_id, now=self.now())
+        except AuthenticationError:
+            return  # already over: signing out twice is not an error
+        await self.web_sessions.delete(session_id)
+        await self.audit.emit("user.logout", user=rec.user, method="web")
+
+    async def renew_web_session(self, caller: Identity, session_id: str) -> tuple[WebSessionRecord, str]:
+        """A new id, token and certificates (roles re-read); the absolute expiry stays."""
+        self._require_proxy(caller, "renew web sessions")
+        old = await self.web_sessions.get(session_id, now=self.now())
+        user = await self.users.get(old.user)
+        rec, token = await self._new_web_session(user, method=old.login_method, expires=old.expires)
+        await self.web_sessions.delete(session_id)
+        return rec, token
+
+    # ------------------------------------------------------------------ a user's own second factors
+
+    def self_user(self, caller: Identity) -> str:
+        if caller.system_role or not caller.user:
+            raise AccessDeniedError("only a user can manage their own second factors")
+        self.check_locks(caller)
+        return caller.user
+
+    async def session_mfa_certs(
+        self,
+        caller: Identity,
+        *,
+        ssh_public_key: str = "",
+        tls_public_key: str = "",
+        otp: str = "",
+        webauthn: dict[str, Any] | None = None,
+    ) -> UserCerts:
+        """A one-minute certificate marked MFA-verified, after a fresh second factor, so roles
+        with `require_session_mfa` let exactly one new session through."""
+        name = self.self_user(caller)
+        device = await self.users.verify_mfa(name, otp_code=otp, webauthn_response=webauthn)
+        user = await self.users.get(name)
+        return await self.issue_user_certs(
+            user,
+            ssh_public_key=ssh_public_key,
+            tls_public_key=tls_public_key,
+            ttl=SESSION_MFA_TTL,
+            mfa_device=device,
+            by=name,
+        )
+
     # ------------------------------------------------------------------ agentless nodes (proxy only)
 
     def _require_proxy(self, caller: Identity, what: str) -> None:
@@ -635,7 +774,9 @@ class AuthServer:
 
     async def reset_user(self, caller: Identity, name: str) -> Invite:
         self.authorize(caller, "user", "update")
-        return await self.users.reset(name, by=caller.user)
+        invite = await self.users.reset(name, by=caller.user)
+        await self.web_sessions.delete_user(name)
+        return invite
 
     async def create_token(
         self, caller: Identity, roles: Sequence[str], ttl: timedelta
@@ -739,6 +880,7 @@ class AuthServer:
             raise BadParameterError("certificate authorities cannot be deleted (rotation arrives later)")
         if kind == "user":
             await self.users.delete(name, by=caller.user)
+            await self.web_sessions.delete_user(name)
         elif kind == "token":
             await self.tokens.delete(name, by=caller.user)
         else:
@@ -838,6 +980,50 @@ class AuthServer:
             "server_hostname": start.get("server_hostname", ""),
             "active": not any(e["event"] == "session.end" for e in events),
         }
+
+    async def active_sessions(self, caller: Identity) -> list[dict[str, Any]]:
+        """Live sessions (started in the last day, not ended, on a node still heartbeating) the
+        caller may see: their own, all with `session` list rights, or any they may join."""
+        self.check_locks(caller)
+        checker = None if caller.system_role else self.checker_for(caller)
+        see_all = caller.system_role == "admin" or (
+            checker is not None and checker.check_rule("session", "list").allowed
+        )
+        modes = checker.join_modes() if checker is not None else frozenset()
+        since = self.now() - timedelta(days=1)
+        events, _ = await self.audit.search(
+            since=since, types=["session.start", "session.end"], limit=5000
+        )
+        ended = {e.get("sid") for e in events if e["event"] == "session.end"}
+        nodes: dict[str, str] = {}
+        for n in self.cache.list("node"):
+            nodes[n.name] = n.name
+            if n.spec.host_id:  # type: ignore[attr-defined]
+                nodes[n.spec.host_id] = n.name  # type: ignore[attr-defined]
+        out = []
+        for e in events:
+            sid = e.get("sid", "")
+            if e["event"] != "session.start" or not sid or sid in ended or not e.get("success", True):
+                continue
+            if e.get("server_id") not in nodes or e.get("agentless"):
+                continue
+            own = e.get("user") == caller.user and not caller.system_role
+            if not (own or see_all or modes):
+                continue
+            out.append(
+                {
+                    "sid": sid,
+                    "user": e.get("user", ""),
+                    "login": e.get("login", ""),
+                    "server_id": e.get("server_id", ""),
+                    "server_hostname": e.get("server_hostname", ""),
+                    "node": nodes[e["server_id"]],
+                    "started": e.get("time", ""),
+                    "can_join": own or bool(modes),
+                    "join_modes": sorted({"observer", "peer"} if own else modes),
+                }
+            )
+        return out
 
     # ------------------------------------------------------------------ recordings
 

@@ -14,6 +14,7 @@ import time
 
 import pyotp
 import qrcode
+import qrcode.image.svg
 
 from wardgate.errors import BadParameterError
 
@@ -75,6 +76,18 @@ def verify_totp(
         if hmac.compare_digest(otp.generate_otp(step), code) and matched is None:
             matched = step
     return matched
+
+
+def qr_svg(data: str) -> str:
+    """`data` (e.g. an otpauth:// URI) as a QR code in a standalone SVG document, for web pages."""
+    qr = qrcode.QRCode(
+        border=2,
+        error_correction=qrcode.constants.ERROR_CORRECT_M,
+        image_factory=qrcode.image.svg.SvgPathImage,
+    )
+    qr.add_data(data)
+    qr.make(fit=True)
+    return qr.make_image().to_string(encoding="unicode")
 
 
 def qr_text(data: str, *, ansi: bool = False) -> str:

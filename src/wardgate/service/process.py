@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -25,6 +26,7 @@ from wardgate.audit.store import SQLiteAuditLog
 from wardgate.auth.api import AuthAPI
 from wardgate.auth.server import ADMIN_CERT_TTL, ADMIN_USER, AuthServer, AuthServerConfig
 from wardgate.auth.users import AuthPreference
+from wardgate.auth.webauthn import WebAuthnConfig
 from wardgate.backend.sqlite import SQLiteBackend
 from wardgate.config import Config, parse_addr
 from wardgate.errors import BadParameterError
@@ -111,6 +113,8 @@ class WardgateProcess:
             password_min_length=a.authentication.password_min_length,
             max_attempts=a.authentication.lockout.max_attempts,
             lockout_duration=a.authentication.lockout.duration,
+            passwordless=a.authentication.passwordless,
+            webauthn=webauthn_config(cfg, cfg.proxy_public_addr),
         )
         host, port = parse_addr(a.listen_addr, 3025)
         public_host = _reachable_host(host)
@@ -272,6 +276,7 @@ class WardgateProcess:
                 auth_host=auth_host.strip("[]"),
                 auth_port=int(auth_port),
                 recordings_dir=self.data_dir / "proxy" / "recordings",
+                web_idle_timeout=cfg.proxy_service.web_idle_timeout,
             ),
             creds.identity,
         )
@@ -280,6 +285,8 @@ class WardgateProcess:
         self._closers.insert(0, proxy)
         if port == 0:  # a test asked for any free port: the public address follows it
             public = f"{_bracket(_reachable_host(host))}:{bound[1]}"
+            self.auth.cfg.public_addr = public
+            self.auth.users.prefs.webauthn = webauthn_config(cfg, public)
         started.proxy_addr = public
 
     async def _start_node(self, started: Started) -> None:
@@ -393,6 +400,29 @@ def _names(*hosts: str) -> list[str]:
     out = {h for h in hosts if h and h not in ("0.0.0.0", "::")}
     out.add(socket.gethostname())
     return sorted(out)
+
+
+def webauthn_config(cfg: Config, public_addr: str) -> WebAuthnConfig | None:
+    """The relying party for passkeys: configured, or the proxy's public host (WebAuthn refuses
+    IP addresses, so a loopback proxy uses `localhost`); None when there is no name to use."""
+    w = cfg.auth_service.authentication.webauthn
+    host, port = parse_addr(public_addr, 3080) if public_addr else ("", 0)
+    rp_id = w.rp_id
+    if not rp_id and host:
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            rp_id = host
+        else:
+            rp_id = "localhost" if ip.is_loopback else ""
+    if not rp_id:
+        return None
+    origins = list(w.origins)
+    if not origins and port:
+        origins = [f"https://{rp_id}:{port}"]
+        if host and host != rp_id:
+            origins.append(f"https://{_bracket(host)}:{port}")
+    return WebAuthnConfig(rp_id=rp_id, rp_name=cfg.cluster_name or rp_id, origins=origins)
 
 
 def _bracket(host: str) -> str:
