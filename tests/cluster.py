@@ -121,10 +121,15 @@ PASSWORD = "correct horse battery staple"
 
 
 class SSHCluster(Process):
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, authentication: str = "", public_host: str = "") -> None:
+        """`authentication`: YAML lines (indented) for that section; `public_host`: the proxy's
+        public address is that host with the proxy's port."""
         self.data_dir = root / "data"
         self.auth_port, self.proxy_port, self.ssh_port = free_port(), free_port(), free_port()
         self.proxy = f"127.0.0.1:{self.proxy_port}"
+        self._ca_pems: list[str] = []
+        auth_section = f"  authentication:\n{authentication}" if authentication else ""
+        proxy_extra = f"  public_addr: {public_host}:{self.proxy_port}\n" if public_host else ""
         super().__init__(
             root,
             f"""version: v1
@@ -135,9 +140,9 @@ auth_service:
   listen_addr: 127.0.0.1:{self.auth_port}
   cluster_name: {CLUSTER}
   tokens: ["{STATIC_TOKEN}"]
-proxy_service:
+{auth_section}proxy_service:
   listen_addr: 127.0.0.1:{self.proxy_port}
-ssh_service:
+{proxy_extra}ssh_service:
   listen_addr: 127.0.0.1:{self.ssh_port}
   labels: {{env: dev}}
 """,
@@ -146,21 +151,29 @@ ssh_service:
         )
         self.pin = json.loads(wardctl(self.data_dir, "status", "--format", "json").stdout)["ca_pin"]
 
+    def invite(self, name: str, roles: str, logins: str) -> str:
+        """`wardctl users add`; returns the invitation token."""
+        out = wardctl(self.data_dir, "users", "add", name, f"--roles={roles}", f"--logins={logins}").stdout
+        return out.split("--invite=")[1].split()[0]
+
     def add_user(self, name: str, roles: str, logins: str) -> str:
         """Invite and register through the public API; returns the TOTP secret."""
         from wardgate import runtime
         from wardgate.api.client import AuthClient
         from wardgate.api.identityfile import server_trusting_context
 
-        out = wardctl(self.data_dir, "users", "add", name, f"--roles={roles}", f"--logins={logins}").stdout
-        token = out.split("--invite=")[1].split()[0]
+        token = self.invite(name, roles, logins)
         addr = f"127.0.0.1:{self.auth_port}"
 
         async def go() -> str:
-            pems = await AuthClient.discover_trust(addr, ca_pin=self.pin)
-            async with AuthClient(addr, server_trusting_context(pems)) as c:
+            if not self._ca_pems:  # first contact only: later users reuse the pinned CA
+                self._ca_pems = await AuthClient.discover_trust(addr, ca_pin=self.pin)
+            async with AuthClient(addr, server_trusting_context(self._ca_pems)) as c:
                 info = await c.begin_registration(token)
-                await c.complete_registration(token, PASSWORD, current_code(info["totp_secret"]))
+                # The previous step (inside the ±1 window): the current and next steps stay
+                # free for a login and then a per-session MFA code.
+                code = current_code(info["totp_secret"], time.time() - 30)
+                await c.complete_registration(token, PASSWORD, code)
             return info["totp_secret"]
 
         return runtime.run(go())
@@ -192,8 +205,8 @@ def login(cluster: SSHCluster, home: Path, user: str, secret: str) -> None:
     child.expect(f"Password for {user}")
     child.sendline(PASSWORD)
     child.expect("One-time code")
-    # The enrolment spent the current 30 s step; the next step is inside the ±1 window.
-    child.sendline(current_code(secret, time.time() + 30))
+    # The enrolment spent the previous 30 s step; the current one is free.
+    child.sendline(current_code(secret))
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0, child.before
@@ -224,3 +237,72 @@ def openssh_server(cluster: SSHCluster, d: Path, name: str = "legacy") -> Iterat
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# ---------------------------------------------------------------- the web UI's API
+
+WEB_COOKIE = "__Host-wardgate_session"
+
+
+class WebCluster(SSHCluster):
+    """An SSH cluster whose proxy is reached as https://localhost:PORT (WebAuthn needs a name)."""
+
+    def __init__(self, root: Path, *, authentication: str = "") -> None:
+        super().__init__(root, authentication=authentication, public_host="localhost")
+
+    @property
+    def origin(self) -> str:
+        return f"https://localhost:{self.proxy_port}"
+
+    @property
+    def base(self) -> str:
+        return f"https://127.0.0.1:{self.proxy_port}"
+
+
+class WebClient:
+    """The web API as a browser script would use it: cookie jar + bearer token, over TLS."""
+
+    def __init__(self, cluster: SSHCluster) -> None:
+        import aiohttp
+
+        self.base = f"https://127.0.0.1:{cluster.proxy_port}"
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=False), cookie_jar=aiohttp.CookieJar(unsafe=True)
+        )
+        self.token = ""
+
+    async def __aenter__(self) -> WebClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.close()
+
+    def headers(self, bearer: bool = True, **extra: str) -> dict[str, str]:
+        out = dict(extra)
+        if bearer and self.token:
+            out["Authorization"] = f"Bearer {self.token}"
+        return out
+
+    async def call(self, method: str, path: str, body: object = None, *, bearer: bool = True, **hdrs: str):
+        async with self.http.request(
+            method, self.base + path, json=body, headers=self.headers(bearer, **hdrs)
+        ) as resp:
+            data = await resp.json(content_type=None)
+            return resp.status, data
+
+    async def sign_in(self, user: str, secret: str, password: str = PASSWORD) -> dict:
+        status, data = await self.call(
+            "POST",
+            "/webapi/sessions/web",
+            {"user": user, "password": password, "otp": current_code(secret, time.time() + 30)},
+            bearer=False,
+        )
+        assert status == 201, data
+        self.token = data["token"]
+        return data
+
+    def cookie(self) -> str:
+        for c in self.http.cookie_jar:
+            if c.key == WEB_COOKIE:
+                return c.value
+        return ""

@@ -26,6 +26,7 @@ from tests.cluster import (
     Process,
     SSHCluster,
     audit,
+    current_code,
     login,
     ward,
     ward_env,
@@ -281,3 +282,43 @@ def test_ward_scp_both_ways(cluster: SSHCluster, alice: Path, tmp_path: Path) ->
     assert back.returncode == 0, back.stderr
     assert down.read_bytes() == src.read_bytes()
     ward(alice, "ssh", "root@main-node", "rm", "-f", remote)
+
+
+def test_per_session_mfa_asks_for_a_code_each_session(
+    cluster: SSHCluster, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    role = (
+        "kind: role\nmetadata: {name: mfa-always}\nspec:\n  options: {require_session_mfa: true}\n"
+        "  allow:\n    logins: [root]\n    node_labels: {'*': '*'}\n"
+    )
+    wardctl(cluster.data_dir, "create", "-f", "-", stdin=role)
+    home = tmp_path_factory.mktemp("mia-ward")
+    secret = cluster.add_user("mia", "mfa-always", "root")
+    login(cluster, home, "mia", secret)  # spends the current step
+
+    wrong = pexpect.spawn(
+        str(BIN / "ward"), ["ssh", "root@main-node", "true"], env=ward_env(home), encoding="utf-8", timeout=30
+    )
+    wrong.expect("require MFA for each session")
+    wrong.sendline("000000" if current_code(secret) != "000000" else "111111")
+    wrong.expect(pexpect.EOF)
+    wrong.close()
+    assert wrong.exitstatus != 0 and "one-time code" in wrong.before
+
+    child = pexpect.spawn(
+        str(BIN / "ward"),
+        ["ssh", "root@main-node", "echo", "mfa-$((40+2))"],
+        env=ward_env(home),
+        encoding="utf-8",
+        timeout=30,
+    )
+    child.expect("require MFA for each session")
+    child.sendline(current_code(secret, time.time() + 30))  # the step after the login's
+    child.expect("mfa-42")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    starts = [e for e in audit(cluster.data_dir, "--type", "session.start") if e["user"] == "mia"]
+    assert starts and starts[0]["success"]
+    mfa = [e for e in audit(cluster.data_dir, "--type", "mfa.verify") if e["user"] == "mia"]
+    assert mfa and mfa[0]["success"]

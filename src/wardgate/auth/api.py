@@ -634,7 +634,9 @@ class AuthAPI:
         return web.json_response(resource_to_dict(out))
 
     async def visible_nodes(self, request: web.Request) -> web.Response:
-        nodes = self.auth.visible_nodes(request[IDENTITY])
+        ident: Identity = request[IDENTITY]
+        nodes = self.auth.visible_nodes(ident)
+        mfa = not ident.system_role and self.auth.checker_for(ident).options.require_session_mfa
         return web.json_response(
             {
                 "nodes": [
@@ -646,6 +648,8 @@ class AuthAPI:
                         "logins": logins,
                         "tunnel": n.spec.tunnel,
                         "host_id": n.spec.host_id,
+                        "agentless": n.spec.agentless,
+                        "require_session_mfa": mfa,
                     }
                     for n, logins in nodes
                 ]

@@ -269,6 +269,12 @@ def ssh(
         )
         sys.exit(runtime.run(run_on_nodes(argvs)))
     login_name, node = split_login(target, login_opt, profile)
+    from wardgate.client.mfa import session_mfa_options
+
+    def ask_code() -> str:
+        return str(click.prompt("Your roles require MFA for each session. One-time code", err=True))
+
+    mfa = runtime.run(session_mfa_options(profile, node, ask_code))
     argv = ssh_argv(
         profile,
         node,
@@ -283,7 +289,7 @@ def ssh(
         no_tty=no_tty,
         no_command=no_command,
         verbose=verbose,
-        options=options,
+        options=(*options, *mfa),
     )
     exec_program(argv)
 

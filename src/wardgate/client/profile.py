@@ -194,11 +194,16 @@ class Profile:
             for m in re.finditer(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n?", text, re.S)
         ]
 
-    def ssl_context(self, alpn: str | None = None) -> ssl.SSLContext:
+    @property
+    def session_mfa_tls_path(self) -> Path:
+        """A one-connection, MFA-verified X.509 certificate `ward ssh` leaves for its ProxyCommand."""
+        return self.key_dir / "session-mfa-tls.pem"
+
+    def ssl_context(self, alpn: str | None = None, *, cert_path: Path | None = None) -> ssl.SSLContext:
         """Mutual TLS to the proxy: our X.509 certificate out, only the cluster's host CA trusted in."""
         ctx = server_trusting_context(self.host_ca_pems())
         try:
-            ctx.load_cert_chain(self.tls_cert_path, self.tls_key_path)
+            ctx.load_cert_chain(cert_path or self.tls_cert_path, self.tls_key_path)
         except (FileNotFoundError, ssl.SSLError) as exc:
             raise NotLoggedInError(
                 f"cannot load your certificate for {self.proxy} ({exc}): run `ward login` again"

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from wardgate.api.client import ConnectionFailed, ssl_hint
-from wardgate.client.profile import Profile, split_host_port
+from wardgate.client.profile import NotLoggedInError, Profile, split_host_port
 from wardgate.client.proxyclient import SSH_ALPN
 from wardgate.client.tlsstream import open_tls_connection
 from wardgate.errors import ERRORS_BY_CODE, AccessDeniedError, BadParameterError, WardgateError
@@ -82,12 +82,23 @@ def _server_hostname(host: str) -> str | None:
     return None  # no SNI for IP addresses
 
 
+def _ssh_ssl_context(profile: Profile) -> ssl.SSLContext:
+    """The login certificate, or, once, the per-session MFA certificate `ward ssh` just got."""
+    mfa = profile.session_mfa_tls_path
+    try:
+        ctx = profile.ssl_context(SSH_ALPN, cert_path=mfa)
+    except NotLoggedInError:
+        return profile.ssl_context(SSH_ALPN)
+    mfa.unlink(missing_ok=True)  # one connection only: the next session asks for a factor again
+    return ctx
+
+
 async def open_ssh_stream(
     profile: Profile, host: str, port: int, login: str, *, dial_timeout: float = 30.0
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Dial the proxy with ALPN `ward-ssh`, ask for `login@host`, return the SSH byte stream."""
     profile.require_valid()
-    ctx = profile.ssl_context(SSH_ALPN)
+    ctx = _ssh_ssl_context(profile)
     phost, pport = split_host_port(profile.proxy)
     try:
         reader, writer = await asyncio.wait_for(
