@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from aiohttp import web
@@ -24,13 +25,17 @@ from wardgate.api.identityfile import IdentityFile
 from wardgate.api.resources import CertAuthority
 from wardgate.keys import load_x509_pem_list
 from wardgate.proxy.agentless import AgentlessRecorder
+from wardgate.proxy.db import ALPN_PROTOCOLS, DBProxy
 from wardgate.proxy.router import TLSRouter, server_context
 from wardgate.proxy.sshproxy import SSHProxy
 from wardgate.proxy.tunnel import TunnelServer
 from wardgate.proxy.web import ProxyWeb
+from wardgate.proxy.webapi import WebAPI
+from wardgate.proxy.websession import DEFAULT_IDLE_TIMEOUT, WebSessions
+from wardgate.proxy.webterm import WebTerminal
 
 log = logging.getLogger(__name__)
-CACHED_KINDS = ("cert_authority", "role", "lock", "node", "user")
+CACHED_KINDS = ("cert_authority", "role", "lock", "node", "user", "db", "db_service")
 
 
 @dataclass
@@ -42,6 +47,7 @@ class ProxySettings:
     auth_port: int
     handshake_timeout: float = 15.0
     ping_interval: float = 30.0
+    web_idle_timeout: timedelta = DEFAULT_IDLE_TIMEOUT
     recordings_dir: Path | None = None
     """Where recordings of agentless sessions wait for upload; None refuses sessions that roles
     want recorded on agentless nodes."""
@@ -63,6 +69,16 @@ class ProxyService:
             else None
         )
         self.ssh = SSHProxy(self.cache, self.emitter, tunnels=self.tunnels, agentless=self.agentless)
+        self.db = DBProxy(self.cache, self.emitter, tunnels=self.tunnels)
+        self.web_sessions = WebSessions(
+            self.auth,
+            auth_addr=self.auth.addr,
+            ca_pems=lambda: list(identity.ca_pems),
+            user_cas=lambda: self._cas("user"),
+            idle_timeout=settings.web_idle_timeout,
+        )
+        self._reaper: asyncio.Task[None] | None = None
+        self.terminal: WebTerminal | None = None
         self.router: TLSRouter | None = None
         self._runner: web.AppRunner | None = None
         self._cache_task: asyncio.Task[None] | None = None
@@ -114,7 +130,27 @@ class ProxyService:
             public_addr=s.public_addr,
             host_ca_pems=ping["host_ca_pems"],
             second_factor=ping["second_factor"],
+            passwordless=bool(ping.get("passwordless")),
+            webauthn_rp_id=str(ping.get("webauthn_rp_id") or ""),
         )
+        WebAPI(
+            sessions=self.web_sessions,
+            cache=self.cache,
+            cluster_name=ping["cluster_name"],
+            allowed_origins=webapi.allowed_origins,
+        ).register(webapi.app)
+        self.terminal = terminal = WebTerminal(
+            sessions=self.web_sessions,
+            cache=self.cache,
+            resolve=self.ssh.resolve,
+            tunnels=self.tunnels,
+            agentless=self.agentless,
+            cluster_name=ping["cluster_name"],
+            allowed_origins=webapi.allowed_origins,
+            emitter=self.emitter,
+        )
+        webapi.app.router.add_get("/webapi/sites/{cluster}/connect/ws", terminal.handle)
+        self._reaper = asyncio.create_task(self._reap_web_sessions(), name="web-session-reaper")
         self._runner = web.AppRunner(webapi.app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         server = self._runner.server
@@ -123,6 +159,8 @@ class ProxyService:
         router.set_default(lambda conn: conn.attach(server()))
         router.add_route("ward-ssh", self.ssh.handle)
         router.add_route("ward-tunnel", self.tunnels.handle)
+        for alpn in ALPN_PROTOCOLS:
+            router.add_route(alpn, self.db.handle)
         router.add_passthrough("ward-auth", s.auth_host, s.auth_port)
         if self.agentless is not None:
             await self.agentless.start()
@@ -130,7 +168,16 @@ class ProxyService:
         self.router = router
         return self.address
 
+    async def _reap_web_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(60)
+            self.web_sessions.reap()
+
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        if self.terminal is not None:
+            await self.terminal.close()
         if self.router is not None:
             await self.router.close()
         await self.tunnels.close()
@@ -142,6 +189,7 @@ class ProxyService:
             self._cache_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._cache_task
+        await self.web_sessions.close()
         await self.emitter.close()
         await self.auth.close()
 

@@ -1,0 +1,216 @@
+"""The web API end to end: a real `wardgate start`, signed in the way the browser UI does it.
+
+Covers the web-security contract (cookie flags, bearer token as CSRF defence, Origin checks,
+headers, server-side sign-out) and that the API shows a user only what their roles allow.
+The browser itself drives the same API in `test_e2e_web.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cluster import PASSWORD, WEB_COOKIE, WebClient, WebCluster, audit, current_code, wardctl
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebCluster]:
+    c = WebCluster(tmp_path_factory.mktemp("web-api"))
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def alice(cluster: WebCluster, request: pytest.FixtureRequest) -> tuple[str, str]:
+    """A fresh access user per test (each TOTP code signs in once): (name, TOTP secret)."""
+    name = "alice-" + request.node.name.removeprefix("test_").replace("_", "-")[:30]
+    return name, cluster.add_user(name, "access", "root")
+
+
+async def test_pages_carry_strict_security_headers(cluster: WebCluster) -> None:
+    async with WebClient(cluster) as web:
+        async with web.http.get(web.base + "/web/login") as resp:
+            assert resp.status == 200
+            assert "text/html" in resp.headers["Content-Type"]
+            csp = resp.headers["Content-Security-Policy"]
+            body = await resp.text()
+        script_src = next(p for p in csp.split(";") if p.strip().startswith("script-src"))
+        tokens = script_src.split()[1:]
+        assert "'unsafe-inline'" not in tokens and "'unsafe-eval'" not in tokens
+        assert "frame-ancestors 'none'" in csp
+        assert resp.headers["X-Frame-Options"] == "DENY"
+        assert resp.headers["Referrer-Policy"] == "no-referrer"
+        assert resp.headers["Strict-Transport-Security"].startswith("max-age=")
+        assert "<script>" not in body.replace(" ", "")  # every script is a file
+        status, data = await web.call("GET", "/webapi/ping")
+        assert status == 200
+        assert data["auth"]["second_factor"] == "otp"
+        assert data["auth"]["webauthn_rp_id"] == "localhost"
+
+
+async def test_sign_in_sets_a_host_only_secure_cookie(cluster: WebCluster, alice: tuple[str, str]) -> None:
+    async with WebClient(cluster) as web:
+        async with web.http.post(
+            web.base + "/webapi/sessions/web",
+            json={"user": alice[0], "password": PASSWORD, "otp": current_code(alice[1], time.time() + 30)},
+        ) as resp:
+            assert resp.status == 201, await resp.text()
+            raw = resp.headers.getall("Set-Cookie")
+            data = await resp.json()
+        cookie = next(c for c in raw if c.startswith(WEB_COOKIE + "="))
+        attrs = {a.strip().split("=")[0].lower() for a in cookie.split(";")[1:]}
+        assert {"secure", "httponly", "path"} <= attrs
+        assert "samesite=lax" in cookie.lower()
+        assert "domain" not in attrs
+        assert data["user"] == alice[0] and data["token"] and data["idle_timeout"] == 1800
+
+
+async def test_wrong_password_is_refused_with_a_message(cluster: WebCluster, alice: tuple[str, str]) -> None:
+    async with WebClient(cluster) as web:
+        status, data = await web.call(
+            "POST", "/webapi/sessions/web", {"user": alice[0], "password": "wrong password!", "otp": "123456"}
+        )
+        assert status == 401
+        assert data["error"]["message"] == "invalid username or password"
+    failures = audit(cluster.data_dir, "--type", "user.login", "--user", alice[0])
+    assert any(not e["success"] and e["error"] == "invalid username or password" for e in failures)
+
+
+async def test_calls_need_both_cookie_and_bearer(cluster: WebCluster, alice: tuple[str, str]) -> None:
+    async with WebClient(cluster) as web:
+        await web.sign_in(*alice)
+        status, data = await web.call("GET", "/webapi/sessions/web")
+        assert status == 200
+        assert data["user"] == alice[0] and data["cluster_name"] == "ssh.example"
+        assert data["capabilities"]["nodes"] and not data["capabilities"]["users"]
+
+        status, data = await web.call("GET", "/webapi/sessions/web", bearer=False)
+        assert status == 401 and "bearer token" in data["error"]["message"]
+
+        status, data = await web.call("GET", "/webapi/nodes", bearer=False, Authorization="Bearer forged")
+        assert status == 401
+
+        cookie = web.cookie()
+        web.http.cookie_jar.clear()
+        status, data = await web.call("GET", "/webapi/sessions/web")
+        assert status == 401 and "not signed in" in data["error"]["message"]
+
+        # Another client holding only the cookie (what a cross-site request carries) gets nothing.
+        async with WebClient(cluster) as thief:
+            thief.http.cookie_jar.update_cookies({WEB_COOKIE: cookie})
+            status, _ = await thief.call("GET", "/webapi/nodes")
+            assert status == 401
+
+
+async def test_sign_in_from_a_foreign_origin_is_refused(cluster: WebCluster, alice: tuple[str, str]) -> None:
+    async with WebClient(cluster) as web:
+        status, data = await web.call(
+            "POST",
+            "/webapi/sessions/web",
+            {"user": alice[0], "password": PASSWORD, "otp": current_code(alice[1], time.time() + 30)},
+            Origin="https://evil.example",
+        )
+        assert status == 403 and "evil.example" in data["error"]["message"]
+
+
+async def test_servers_list_shows_only_what_roles_allow(cluster: WebCluster, tmp_path: Path) -> None:
+    (tmp_path / "prod.yaml").write_text(
+        "kind: role\nversion: v1\nmetadata: {name: prod-only}\n"
+        "spec:\n  allow:\n    logins: [root]\n    node_labels: {env: prod}\n"
+    )
+    wardctl(cluster.data_dir, "create", "-f", str(tmp_path / "prod.yaml"))
+    carol = await asyncio.to_thread(cluster.add_user, "carol", "prod-only", "root")
+    dave = await asyncio.to_thread(cluster.add_user, "dave", "access", "root,nobody")
+    async with WebClient(cluster) as web:
+        await web.sign_in("carol", carol)
+        status, data = await web.call("GET", "/webapi/nodes")
+        assert status == 200 and data["items"] == []
+    async with WebClient(cluster) as web:
+        await web.sign_in("dave", dave)
+        status, data = await web.call("GET", "/webapi/nodes")
+        (node,) = data["items"]
+        assert node["name"] == "main-node" and node["labels"]["env"] == "dev"
+        assert sorted(node["logins"]) == ["nobody", "root"]
+        status, data = await web.call("GET", "/webapi/nodes?labels=env=prod")
+        assert data["items"] == []
+        status, data = await web.call("GET", "/webapi/nodes?search=MAIN")
+        assert [n["name"] for n in data["items"]] == ["main-node"]
+        status, data = await web.call("GET", "/webapi/nodes?labels=env")
+        assert status == 400 and "key=value" in data["error"]["message"]
+        # An access user may not read the audit log or the users.
+        assert (await web.call("GET", "/webapi/events"))[0] == 403
+        assert (await web.call("GET", "/webapi/users"))[0] == 403
+
+
+async def test_sign_out_ends_the_session_on_the_server(cluster: WebCluster, alice: tuple[str, str]) -> None:
+    async with WebClient(cluster) as web:
+        await web.sign_in(*alice)
+        cookie, token = web.cookie(), web.token
+        status, _ = await web.call("DELETE", "/webapi/sessions/web")
+        assert status == 200
+        async with WebClient(cluster) as replay:
+            replay.http.cookie_jar.update_cookies({WEB_COOKIE: cookie})
+            replay.token = token
+            status, data = await replay.call("GET", "/webapi/sessions/web")
+            assert status == 401 and "sign in again" in data["error"]["message"]
+    assert audit(cluster.data_dir, "--type", "user.logout", "--user", alice[0])
+
+
+async def test_renew_rotates_cookie_and_token(cluster: WebCluster, alice: tuple[str, str]) -> None:
+    async with WebClient(cluster) as web:
+        first = await web.sign_in(*alice)
+        old_cookie, old_token = web.cookie(), web.token
+        status, data = await web.call("POST", "/webapi/sessions/web/renew")
+        assert status == 200
+        assert data["token"] != old_token and web.cookie() != old_cookie
+        assert data["expires"] == first["expires"]  # the absolute expiry does not move
+        web.token = data["token"]
+        assert (await web.call("GET", "/webapi/sessions/web"))[0] == 200
+        async with WebClient(cluster) as old:
+            old.http.cookie_jar.update_cookies({WEB_COOKIE: old_cookie})
+            old.token = old_token
+            assert (await old.call("GET", "/webapi/sessions/web"))[0] == 401
+
+
+async def test_editor_manages_users_and_roles(cluster: WebCluster, tmp_path: Path) -> None:
+    ed = await asyncio.to_thread(cluster.add_user, "eddie", "editor,auditor,access", "root")
+    async with WebClient(cluster) as web:
+        await web.sign_in("eddie", ed)
+        status, data = await web.call("GET", "/webapi/sessions/web")
+        assert data["capabilities"]["users"] and data["capabilities"]["roles"]
+        assert data["capabilities"]["audit"]
+
+        status, data = await web.call(
+            "POST", "/webapi/users", {"name": "frank", "roles": ["access"], "traits": {"logins": ["root"]}}
+        )
+        assert status == 201, data
+        assert data["invite_url"].startswith(f"https://localhost:{cluster.proxy_port}/web/invite/")
+        status, data = await web.call("GET", "/webapi/users")
+        frank = next(u for u in data["items"] if u["name"] == "frank")
+        assert frank["status"] == "invited" and frank["roles"] == ["access"]
+
+        broken = "kind: role\nversion: v1\n  bad: [\n"
+        status, data = await web.call("POST", "/webapi/roles", {"yaml": broken})
+        assert status == 400 and data["error"]["line"] is not None
+        yaml_text = "kind: role\nversion: v1\nmetadata:\n  name: ops\nspec:\n  allow:\n    loginz: [root]\n"
+        status, data = await web.call("POST", "/webapi/roles", {"yaml": yaml_text})
+        assert status == 400 and data["error"]["line"] == 7 and "loginz" in data["error"]["message"]
+        good = yaml_text.replace("loginz", "logins")
+        status, data = await web.call("POST", "/webapi/roles", {"yaml": good})
+        assert status == 201 and data["name"] == "ops"
+        status, data = await web.call("PUT", "/webapi/roles/other", {"yaml": good})
+        assert status == 400 and "editing 'other'" in data["error"]["message"]
+        status, data = await web.call("GET", "/webapi/roles")
+        ops = yaml.safe_load(next(r["yaml"] for r in data["items"] if r["name"] == "ops"))
+        assert ops["spec"]["allow"]["logins"] == ["root"]
+
+        lock = {"message": "on leave", "ttl": "1h"}
+        status, data = await web.call("POST", "/webapi/users/frank/lock", lock)
+        assert status == 201 and data["spec"]["target"]["user"] == "frank"
+        status, data = await web.call("GET", "/webapi/events?type=lock.create&limit=5")
+        assert status == 200 and data["items"][0]["event"] == "lock.create"
