@@ -26,6 +26,13 @@ from wardgate.api.resources import (
     CertAuthority,
     CertAuthoritySpec,
     CommandLabel,
+    Database,
+    DatabaseAuth,
+    DatabasePassword,
+    DatabaseService,
+    DatabaseServiceSpec,
+    DatabaseSpec,
+    DatabaseTLS,
     Lock,
     LockSpec,
     LockTarget,
@@ -142,6 +149,24 @@ SAMPLES: dict[str, Resource] = {
             message="incident 42",
             created_by="bob",
             created=WHEN,
+        ),
+    ),
+    "db": Database.new(
+        "pg-main",
+        DatabaseSpec(
+            protocol="postgres",
+            uri="db.internal:5432",
+            tls=DatabaseTLS(mode="verify-ca", ca_cert_file="/etc/wardgate/db-ca.pem"),
+            auth=DatabaseAuth(passwords={"reporting": DatabasePassword(env="PG_REPORTING_PASSWORD")}),
+            host_id="db-6f1c",
+            hostname="db-agent-1",
+        ),
+        labels={"env": "prod"},
+    ),
+    "db_service": DatabaseService.new(
+        "db-6f1c",
+        DatabaseServiceSpec(
+            hostname="db-agent-1", tunnel=True, resources=[{"env": "dev"}], databases=["pg-main"]
         ),
     ),
 }

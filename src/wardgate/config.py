@@ -438,9 +438,44 @@ class AppServiceConfig(Model):
     listen_addr: PortAddr = ""
 
 
+class DatabaseConfig(Model):
+    """One database this service fronts (registered with heartbeats, like a node)."""
+
+    name: str
+    protocol: Literal["postgres", "mysql"]
+    uri: str
+    description: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+    tls: dict[str, Any] = Field(default_factory=dict)
+    """mode (verify-full, verify-ca, insecure, off), ca_cert_file, server_name."""
+    auth: dict[str, Any] = Field(default_factory=dict)
+    """passwords: {db_user: {file: PATH} or {env: VAR}} for databases that cannot trust the db CA."""
+
+    @field_validator("name")
+    @classmethod
+    def _dbname(cls, v: str) -> str:
+        return _check_name(v, "name")
+
+
+class ResourceSelector(Model):
+    labels: dict[str, str] = Field(default_factory=dict)
+    """`db` resources (from `wardctl create`) whose labels match all of these ("*" = any value)."""
+
+
 class DBServiceConfig(Model):
     enabled: bool = False
     listen_addr: PortAddr = ""
+    databases: list[DatabaseConfig] = Field(default_factory=list)
+    resources: list[ResourceSelector] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> DBServiceConfig:
+        seen: set[str] = set()
+        for i, d in enumerate(self.databases):
+            if d.name in seen:
+                _fail(("databases", i, "name"), d.name, f"database {d.name!r} is listed twice")
+            seen.add(d.name)
+        return self
 
 
 class KubernetesServiceConfig(Model):
@@ -683,10 +718,23 @@ app_service:
   listen_addr: ""
 
 db_service:
-  # Database access (configured in a later version).
+  # Database access: PostgreSQL and MySQL/MariaDB behind the proxy (docs/databases.md).
   enabled: false
-  # Address it listens on, if it listens (host:port, port required); empty means none.
+  # Not used: clients reach databases through the proxy's port (or a reverse tunnel).
   listen_addr: ""
+  # Databases this service fronts. Example:
+  # databases:
+  #   - name: pg-main
+  #     description: the main application database
+  #     protocol: postgres          # or mysql
+  #     uri: db.internal:5432
+  #     labels: {env: prod}
+  #     tls: {mode: verify-full, ca_cert_file: /etc/wardgate/db-ca.pem}
+  #     auth: {passwords: {reporting: {env: PG_REPORTING_PASSWORD}}}
+  databases: []
+  # Also serve `db` resources created with `wardctl create` whose labels match:
+  # resources: [{labels: {env: dev}}]
+  resources: []
 
 kubernetes_service:
   # Kubernetes access (configured in a later version).

@@ -301,6 +301,31 @@ class AuthClient:
         data = await self.call("GET", "/v1/nodes/visible")
         return list(data.get("nodes") or [])
 
+    async def db_heartbeat(self, res: Resource) -> Resource:
+        return resource_from_dict(
+            await self.call("POST", "/v1/db/heartbeat", {"resource": resource_to_dict(res)})
+        )
+
+    async def visible_databases(self) -> list[dict[str, Any]]:
+        """Databases the caller may see (served right now), with the db users their roles name."""
+        return list((await self.call("GET", "/v1/databases/visible")).get("databases") or [])
+
+    async def db_user_cert(self, **body: Any) -> dict[str, Any]:
+        """`db`, `db_user`, `db_name`, `tls_public_key` → a certificate routed to that database."""
+        return await self.call("POST", "/v1/certs/db-user", body)
+
+    async def db_client_cert(self, db_user: str, tls_public_key: str) -> dict[str, Any]:
+        """Database services only: a db-CA client certificate for `db_user` → `tls_cert`, `ca_pem`."""
+        return await self.call(
+            "POST", "/v1/certs/db-client", {"db_user": db_user, "tls_public_key": tls_public_key}
+        )
+
+    async def db_server_cert(
+        self, hosts: Sequence[str], tls_public_key: str, ttl: str = ""
+    ) -> dict[str, Any]:
+        body = {"hosts": list(hosts), "tls_public_key": tls_public_key, "ttl": ttl}
+        return await self.call("POST", "/v1/certs/db-server", body)
+
     async def explain(self, user: str, node: str, login: str) -> dict[str, Any]:
         return await self.call("POST", "/v1/access/explain", {"user": user, "node": node, "login": login})
 

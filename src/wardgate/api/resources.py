@@ -12,7 +12,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from wardgate.durations import Duration
 
@@ -296,6 +296,81 @@ class Node(Resource):
         return out
 
 
+# ---------------------------------------------------------------- databases
+
+
+class DatabaseTLS(Model):
+    mode: Literal["verify-full", "verify-ca", "insecure", "off"] = "verify-full"
+    """How the database service checks the database's certificate (`off`: no TLS at all)."""
+    ca_cert_file: str = ""
+    """CA bundle for the database's server certificate; empty means the cluster's db CA."""
+    server_name: str = ""
+    """Name to verify in the server certificate; empty means the host of `uri`."""
+
+
+class DatabasePassword(Model):
+    """Where the password for one database user comes from (managed databases that cannot
+    trust a CA); never the password itself."""
+
+    file: str = ""
+    env: str = ""
+
+    @model_validator(mode="after")
+    def _one(self) -> DatabasePassword:
+        if bool(self.file) == bool(self.env):
+            raise ValueError("give exactly one of file or env")
+        return self
+
+
+class DatabaseAuth(Model):
+    passwords: dict[str, DatabasePassword] = Field(default_factory=dict)
+    """db user -> password source; users not listed log in with a certificate from the db CA."""
+
+
+class DatabaseSpec(Model):
+    protocol: Literal["postgres", "mysql"]
+    uri: str
+    """host:port of the database as the database service reaches it."""
+    tls: DatabaseTLS = Field(default_factory=DatabaseTLS)
+    auth: DatabaseAuth = Field(default_factory=DatabaseAuth)
+    host_id: str = ""
+    """The database service that registered it (static config); empty for `wardctl create`d ones,
+    which any database service whose `resources` selectors match its labels serves."""
+    hostname: str = ""
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        v = v.strip().removeprefix("postgres://").removeprefix("mysql://").rstrip("/")
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("uri must be host:port, like db.internal:5432")
+        return v
+
+
+class Database(Resource):
+    KIND: ClassVar[str] = "db"
+    kind: str = "db"
+    spec: DatabaseSpec
+
+
+class DatabaseServiceSpec(Model):
+    hostname: str = ""
+    tunnel: bool = False
+    resources: list[dict[str, str]] = Field(default_factory=list)
+    """Label selectors of the dynamic `db` resources this service serves."""
+    databases: list[str] = Field(default_factory=list)
+    """Names of the databases it serves right now."""
+
+
+class DatabaseService(Resource):
+    """Heartbeat of one database service (name = its host id), so proxies know where to go."""
+
+    KIND: ClassVar[str] = "db_service"
+    kind: str = "db_service"
+    spec: DatabaseServiceSpec = Field(default_factory=DatabaseServiceSpec)
+
+
 # ---------------------------------------------------------------- locks
 
 
@@ -331,7 +406,9 @@ class Lock(Resource):
 
 # ---------------------------------------------------------------- registry
 
-KINDS: dict[str, type[Resource]] = {cls.KIND: cls for cls in (Role, User, Token, CertAuthority, Node, Lock)}
+KINDS: dict[str, type[Resource]] = {
+    cls.KIND: cls for cls in (Role, User, Token, CertAuthority, Node, Lock, Database, DatabaseService)
+}
 KIND_ALIASES = {
     "roles": "role",
     "users": "user",
@@ -341,6 +418,10 @@ KIND_ALIASES = {
     "ca": "cert_authority",
     "nodes": "node",
     "locks": "lock",
+    "dbs": "db",
+    "database": "db",
+    "databases": "db",
+    "db_services": "db_service",
 }
 
 AnyResource = Annotated[Resource, "any kind"]

@@ -151,6 +151,11 @@ class AuthAPI:
         r.add_post("/v1/certs/agentless-host", self.sign_agentless_host)
         r.add_post("/v1/certs/impersonate", self.impersonate)
         r.add_post("/v1/nodes/heartbeat", self.heartbeat)
+        r.add_post("/v1/db/heartbeat", self.db_heartbeat)
+        r.add_get("/v1/databases/visible", self.visible_databases)
+        r.add_post("/v1/certs/db-user", self.db_user_cert)
+        r.add_post("/v1/certs/db-client", self.db_client_cert)
+        r.add_post("/v1/certs/db-server", self.db_server_cert)
         r.add_get("/v1/nodes/visible", self.visible_nodes)
         r.add_post("/v1/access/explain", self.explain)
         r.add_post("/v1/events", self.emit_events)
@@ -632,6 +637,58 @@ class AuthAPI:
         res = resource_from_dict(d.get("resource") or {}, source="heartbeat")
         out = await self.auth.upsert_node(request[IDENTITY], res)  # type: ignore[arg-type]
         return web.json_response(resource_to_dict(out))
+
+    async def db_heartbeat(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        res = await self.auth.upsert_heartbeat(request[IDENTITY], resource_from_dict(d.get("resource") or {}))
+        return web.json_response(resource_to_dict(res))
+
+    async def visible_databases(self, request: web.Request) -> web.Response:
+        items = self.auth.visible_databases(request[IDENTITY])
+        return web.json_response(
+            {
+                "databases": [
+                    {
+                        "name": db.name,
+                        "description": db.metadata.description,
+                        "protocol": db.spec.protocol,
+                        "labels": db.metadata.labels,
+                        "db_users": users,
+                    }
+                    for db, users in items
+                ]
+            }
+        )
+
+    async def db_user_cert(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        certs = await self.auth.issue_db_cert(
+            request[IDENTITY],
+            db=str(d.get("db", "")),
+            db_user=str(d.get("db_user", "")),
+            db_name=str(d.get("db_name", "")),
+            tls_public_key=str(d.get("tls_public_key", "")),
+        )
+        return web.json_response(_user_certs_json(certs, self.auth))
+
+    async def db_client_cert(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        cert, ca = self.auth.sign_db_client(
+            request[IDENTITY],
+            db_user=str(d.get("db_user", "")),
+            tls_public_key=str(d.get("tls_public_key", "")),
+        )
+        return web.json_response({"tls_cert": cert, "ca_pem": ca})
+
+    async def db_server_cert(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        cert, ca = self.auth.sign_db_server(
+            request[IDENTITY],
+            hosts=[str(h) for h in d.get("hosts") or []],
+            tls_public_key=str(d.get("tls_public_key", "")),
+            ttl=self._ttl(d) or timedelta(days=365),
+        )
+        return web.json_response({"tls_cert": cert, "ca_pem": ca})
 
     async def visible_nodes(self, request: web.Request) -> web.Response:
         ident: Identity = request[IDENTITY]

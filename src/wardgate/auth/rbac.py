@@ -653,6 +653,24 @@ class AccessChecker:
 
     # ------------------------------------------------------------ databases
 
+    def can_see_db(self, labels: Mapping[str, str]) -> bool:
+        """Whether `ward db ls` shows the database: some allow selects it and no deny does."""
+        seen = False
+        for r in self._roles:
+            if r.deny.db.match(labels)[0]:
+                return False
+            seen = seen or r.allow.db.match(labels)[0]
+        return seen
+
+    def db_users(self) -> list[str]:
+        """The literal db users the roles allow (for hints; globs and regexes are left out)."""
+        out: list[str] = []
+        for r in self._roles:
+            for p in r.allow.db_users:
+                if p.text not in out and not any(c in p.text for c in "*^$"):
+                    out.append(p.text)
+        return out
+
     def check_db(
         self, labels: Mapping[str, str], db_user: str, db_name: str = "", *, name: str = ""
     ) -> AccessDecision:

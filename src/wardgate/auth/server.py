@@ -26,6 +26,8 @@ from wardgate.api.cache import ResourceCache
 from wardgate.api.events import ResourceEvent, ResourceEventType
 from wardgate.api.resources import (
     CertAuthority,
+    Database,
+    DatabaseService,
     Lock,
     LockSpec,
     LockTarget,
@@ -68,7 +70,7 @@ from wardgate.keys import (
 
 log = logging.getLogger(__name__)
 
-CACHED_KINDS = ("role", "user", "lock", "cert_authority", "node")
+CACHED_KINDS = ("role", "user", "lock", "cert_authority", "node", "db", "db_service")
 CA_TYPES = ("user", "host", "db", "jwt")
 HOST_CERT_TTL = timedelta(days=30)
 ADMIN_CERT_TTL = timedelta(days=7)
@@ -91,6 +93,8 @@ SERVICE_RULES: dict[str, dict[str, set[str]]] = {
         "node": {"list", "read", "create", "update"},
         "event": {"create", "list", "read"},
         "session": {"create", "list", "read"},
+        "db": {"list", "read"},
+        "db_service": {"list", "read"},
     },
     "node": {
         "role": {"list", "read"},
@@ -111,6 +115,9 @@ for _svc in ("app", "db", "kube", "desktop"):
         "event": {"create"},
         "session": {"create"},
     }
+SERVICE_RULES["db"].update({"db": {"list", "read", "create", "update"}, "db_service": {"create", "update"}})
+DB_CLIENT_CERT_TTL = timedelta(hours=1)
+"""Lifetime of the certificate a database service logs in to a database with (as one db user)."""
 
 
 @dataclass
@@ -907,6 +914,113 @@ class AuthServer:
         node = node.model_copy(deep=True)
         node.metadata.revision = None
         return await self.store.put(node)
+
+    async def upsert_heartbeat(self, caller: Identity, res: Resource) -> Resource:
+        """A database service registers itself (`db_service`) or a database from its config (`db`)."""
+        if not isinstance(res, Database | DatabaseService):
+            raise BadParameterError(f"cannot heartbeat a {res.kind}: only db and db_service")
+        self.authorize(caller, res.kind, "update")
+        host_id = res.name if isinstance(res, DatabaseService) else res.spec.host_id
+        if caller.system_role == "db" and caller.host_id != host_id:
+            raise AccessDeniedError("a database service may only register itself and its own databases")
+        existing = self.cache.get(res.kind, res.name)
+        if isinstance(existing, Database) and existing.spec.host_id != host_id and (
+            not existing.spec.host_id or not existing.is_expired(self.now())
+        ):
+            raise AlreadyExistsError(
+                f'database "{res.name}" is already registered by another service or with wardctl: '
+                "rename one of them"
+            )
+        res = res.model_copy(deep=True)
+        res.metadata.revision = None
+        return await self.store.put(res)
+
+    def live_db_services(self) -> list[DatabaseService]:
+        now = self.now()
+        return [s for s in self.cache.list("db_service") if not s.is_expired(now)]  # type: ignore[misc]
+
+    def serving(self, db: Database) -> list[str]:
+        """Host ids of live database services that serve `db`."""
+        out = []
+        for svc in self.live_db_services():
+            if db.name in svc.spec.databases:
+                out.append(svc.name)
+        return out
+
+    def visible_databases(self, caller: Identity) -> list[tuple[Database, list[str]]]:
+        """Databases (served right now) the caller's roles let them see, with db-user hints."""
+        self.check_locks(caller)
+        checker = self.checker_for(caller)
+        out = []
+        for db in self.cache.list("db"):
+            assert isinstance(db, Database)
+            if db.is_expired(self.now()) or not self.serving(db):
+                continue
+            if not checker.can_see_db(db.metadata.labels):
+                continue
+            out.append((db, checker.db_users()))
+        out.sort(key=lambda pair: pair[0].name)
+        return out
+
+    async def issue_db_cert(
+        self, caller: Identity, *, db: str, db_user: str, db_name: str = "", tls_public_key: str
+    ) -> UserCerts:
+        """`ward db login`: a certificate routed to one database as one db user, after the roles
+        say yes (the database service decides again on every connection)."""
+        name = self.self_user(caller)
+        found = self.cache.get("db", db)
+        if not isinstance(found, Database) or found.is_expired(self.now()):
+            raise NotFoundError(f'database "{db}" not found: `ward db ls` lists the ones you can reach')
+        if not db_user:
+            raise BadParameterError("say which database user to connect as: --db-user NAME")
+        checker = self.checker_for(caller)
+        if not checker.can_see_db(found.metadata.labels):
+            raise NotFoundError(f'database "{db}" not found: `ward db ls` lists the ones you can reach')
+        checker.check_db(found.metadata.labels, db_user, db_name, name=db).raise_if_denied()
+        user = await self.users.get(name)
+        route = RouteToDatabase(
+            service_name=db, protocol=found.spec.protocol, username=db_user, database=db_name
+        )
+        return await self.issue_user_certs(
+            user,
+            tls_public_key=tls_public_key,
+            ttl=(caller.expires - self.now()) if caller.expires else None,
+            route_to_db=route,
+            mfa_device=caller.mfa_verified,
+            by=name,
+        )
+
+    def sign_db_client(self, caller: Identity, *, db_user: str, tls_public_key: str) -> tuple[str, str]:
+        """For a database service: a db-CA client certificate with CN = the db user (what
+        PostgreSQL's `cert` auth and MariaDB's `REQUIRE X509` check) → (cert, db CA PEM)."""
+        if caller.system_role != "db":
+            raise AccessDeniedError("only a database service may ask for database client certificates")
+        self.check_locks(caller)
+        if not db_user or len(db_user) > 63:
+            raise BadParameterError("a database user name is 1-63 characters")
+        cert = self.signer("db").sign_tls_cert(
+            tls_public_key, Identity(user=db_user), ttl=DB_CLIENT_CERT_TTL, now=self.now()
+        )
+        return cert, "".join(k.tls_cert_pem for k in self.ca("db").spec.active_keys)
+
+    def sign_db_server(
+        self, caller: Identity, *, hosts: Sequence[str], tls_public_key: str, ttl: timedelta
+    ) -> tuple[str, str]:
+        """`wardctl auth sign --format=db`: a server certificate for the database itself, signed
+        by the db CA, and the CA file its `ssl_ca_file`/`ssl-ca` should trust."""
+        self.authorize(caller, "cert_authority", "create")
+        names, ips = _split_addresses(hosts)
+        if not names and not ips:
+            raise BadParameterError("say which names the database answers to: --host db.internal[,10.0.0.5]")
+        cert = self.signer("db").sign_tls_cert(
+            tls_public_key,
+            Identity(user=(names or ips)[0]),
+            ttl=ttl,
+            now=self.now(),
+            dns_names=names,
+            ip_addresses=ips,
+        )
+        return cert, "".join(k.tls_cert_pem for k in self.ca("db").spec.active_keys)
 
     def visible_nodes(self, caller: Identity) -> list[tuple[Node, list[str]]]:
         """Nodes the caller's roles let them see, each with the logins allowed there (for `ward ls`)."""

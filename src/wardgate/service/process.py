@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wardgate.api.client import AuthClient
 from wardgate.api.identityfile import IdentityFile, server_trusting_context
@@ -39,9 +40,12 @@ from wardgate.keys import (
     ssh_public_key_line,
 )
 
+if TYPE_CHECKING:
+    from wardgate.proxy.service import ProxyService
+
 log = logging.getLogger(__name__)
 ADMIN_IDENTITY = "admin.identity"
-BUILT_SERVICES = ("auth_service", "proxy_service", "ssh_service")
+BUILT_SERVICES = ("auth_service", "proxy_service", "ssh_service", "db_service")
 """Services this build can run; the others are accepted in config and reported as not yet available."""
 RENEW_EVERY = timedelta(hours=12)
 REJOIN_BEFORE = timedelta(days=3)
@@ -78,8 +82,9 @@ class WardgateProcess:
         self.data_dir = Path(cfg.wardgate.data_dir)
         self.auth: AuthServer | None = None
         self.api: AuthAPI | None = None
-        self.proxy: object | None = None
+        self.proxy: ProxyService | None = None
         self.node: object | None = None
+        self.db: object | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closers: list[object] = []
 
@@ -99,6 +104,8 @@ class WardgateProcess:
             await self._start_proxy(started)
         if cfg.ssh_service.enabled:
             await self._start_node(started)
+        if cfg.db_service.enabled:
+            await self._start_db(started)
         return started
 
     async def _start_auth(self, started: Started) -> None:
@@ -327,6 +334,41 @@ class WardgateProcess:
         self._closers.insert(0, agent)
         started.ssh_addr = "" if tunnel else agent.service.node.spec.addr
         started.tunnel_to = w.proxy_server if tunnel else ""
+
+    async def _start_db(self, started: Started) -> None:
+        """The database service: handed connections by the proxy in this process, or through the
+        reverse tunnel it keeps to `proxy_server`."""
+        from wardgate.agent.db.agent import DatabaseAgent, DatabaseAgentSettings
+
+        cfg = self.cfg
+        w = cfg.wardgate
+        local_proxy = self.proxy is not None
+        if not local_proxy and not w.proxy_server:
+            raise BadParameterError(
+                "db_service needs a proxy: enable proxy_service here, or set wardgate.proxy_server"
+            )
+        creds = await self._credentials("db", node_name=cfg.nodename, addresses=[], ssh=False)
+        if self.auth is not None:
+            auth_addr, alpn = started.auth_addr, ""
+        else:
+            auth_addr, alpn = (w.proxy_server, "ward-auth") if w.proxy_server else (w.auth_server, "")
+        agent = DatabaseAgent(
+            DatabaseAgentSettings(
+                nodename=cfg.nodename,
+                host_id=creds.host_id,
+                auth_addr=auth_addr,
+                auth_alpn=alpn,
+                tunnel_proxy="" if local_proxy else w.proxy_server,
+                databases=cfg.db_service.databases,
+                selectors=[dict(s.labels) for s in cfg.db_service.resources],
+            ),
+            creds.identity,
+        )
+        if self.proxy is not None:
+            self.proxy.db.local[creds.host_id] = agent.service
+        await agent.start()
+        self.db = agent
+        self._closers.insert(0, agent)
 
     # ------------------------------------------------------------------ admin identity
 
