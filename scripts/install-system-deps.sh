@@ -4,11 +4,15 @@ set -euo pipefail
 need=()
 # A fresh Debian/Ubuntu has python3 but not always venv/pip support.
 python3 -c "import ensurepip, venv" 2>/dev/null || need+=(python3-venv)
-[ "${1:-}" = "--python-only" ] && pairs="" || pairs="ssh-keygen:openssh-client sshd:openssh-server chromium:chromium"
+[ "${1:-}" = "--python-only" ] && pairs="" || pairs="ssh-keygen:openssh-client sshd:openssh-server chromium:chromium psql:postgresql-client mariadbd:mariadb-server mariadb:mariadb-client"
 for pair in $pairs; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
+# PostgreSQL's server binaries live outside PATH.
+if [ "${1:-}" != "--python-only" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    need+=(postgresql)
+fi
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
