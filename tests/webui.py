@@ -60,15 +60,17 @@ class PageLog:
         )
 
 
-_LOGS: dict[int, PageLog] = {}
+# id(page) -> (page, its log). The page itself is kept too, so that its id cannot be reused by
+# another page while the entry exists (a closed tab's log stays readable until the test ends).
+_LOGS: dict[int, tuple[Any, PageLog]] = {}
 
 
 def watch(page: Any) -> PageLog:
     """Start recording a page's console, errors and dialogs (dialogs are dismissed)."""
     if id(page) in _LOGS:
-        return _LOGS[id(page)]
+        return _LOGS[id(page)][1]
     log = PageLog()
-    _LOGS[id(page)] = log
+    _LOGS[id(page)] = (page, log)
     page.on("console", lambda m: log.console.append((m.type, m.text)))
     page.on("pageerror", lambda e: log.errors.append(str(e)))
 
@@ -83,7 +85,7 @@ def watch(page: Any) -> PageLog:
 
 
 def page_log(page: Any) -> PageLog:
-    return _LOGS.get(id(page)) or watch(page)
+    return _LOGS[id(page)][1] if id(page) in _LOGS else watch(page)
 
 
 _CSP = re.compile(r"Content Security Policy|Refused to (execute|load|apply|evaluate|connect|frame)", re.I)
@@ -129,9 +131,10 @@ def make_page(browser: Any) -> Iterator[Callable[..., Any]]:
         return page
 
     yield factory
+    for key, (pg, _) in list(_LOGS.items()):
+        if pg.context in contexts:  # closed tabs included
+            del _LOGS[key]
     for ctx in contexts:
-        for pg in ctx.pages:
-            _LOGS.pop(id(pg), None)
         ctx.close()
 
 

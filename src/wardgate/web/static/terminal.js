@@ -328,7 +328,8 @@ export default async function render(el, ctx) {
         term.write('\r\n\x1b[31m[your web session is not valid: sign in again]\x1b[0m\r\n');
       } else if (ev.code === 4003) {
         why = 'Access denied';
-        term.write(`\r\n\x1b[31m[access denied${ev.reason ? ': ' + ev.reason : ''}]\x1b[0m\r\n`);
+        // The reason came as an error message already (shown above): say it once.
+        if (!failed) term.write(`\r\n\x1b[31m[access denied${ev.reason ? ': ' + ev.reason : ''}]\x1b[0m\r\n`);
       } else if (ev.code === 4008) {
         why = 'Connection timed out';
       } else if (!failed) {

@@ -27,7 +27,7 @@ export default async function render(el, ctx) {
   const pwErr = messageBox('password-error');
   const pwOk = messageBox('password-ok', 'ok');
   const oldPw = input({ type: 'password', autocomplete: 'current-password', testid: 'password-old' });
-  const newPw = input({ type: 'password', autocomplete: 'new-password', testid: 'password-new', minlength: '8' });
+  const newPw = input({ type: 'password', autocomplete: 'new-password', testid: 'password-new' });
   const confirmPw = input({ type: 'password', autocomplete: 'new-password', testid: 'password-confirm' });
   const pwSubmit = button('Change password', { kind: 'primary', type: 'submit', testid: 'password-submit' });
   const pwForm = h(
@@ -35,7 +35,7 @@ export default async function render(el, ctx) {
     { class: 'form form-narrow', testid: 'password-form', novalidate: true },
     // for password managers: which account this password belongs to
     h('input', { type: 'text', name: 'username', autocomplete: 'username', value: s.user || '', hidden: true, readonly: true, tabindex: '-1', 'aria-hidden': 'true' }),
-    field('Current password', oldPw), field('New password', newPw, 'At least 8 characters.'), field('Confirm new password', confirmPw), pwErr, pwOk, h('div', null, pwSubmit));
+    field('Current password', oldPw), field('New password', newPw, 'The cluster sets the minimum length (12 characters by default).'), field('Confirm new password', confirmPw), pwErr, pwOk, h('div', null, pwSubmit));
 
   replace(
     el,

@@ -49,7 +49,7 @@ export default async function render(el, ctx) {
   let method = methods.length ? (hasTotp && sf !== 'webauthn' ? 'otp' : methods[0][0]) : 'none';
 
   const err = messageBox('invite-error');
-  const password = input({ type: 'password', autocomplete: 'new-password', required: true, minlength: '8', testid: 'invite-password' });
+  const password = input({ type: 'password', autocomplete: 'new-password', required: true, testid: 'invite-password' });
   const confirm = input({ type: 'password', autocomplete: 'new-password', required: true, testid: 'invite-password-confirm' });
   const otp = input({ class: 'input mono otp', inputmode: 'numeric', autocomplete: 'one-time-code', maxlength: '10', placeholder: '123456', testid: 'invite-otp' });
   const deviceName = input({ value: 'passkey', maxlength: '64', testid: 'invite-device-name' });
@@ -97,7 +97,7 @@ export default async function render(el, ctx) {
     'form',
     { class: 'form', testid: 'invite-form', novalidate: true },
     field('Username', input({ value: inv.user, readonly: true, testid: 'invite-user', autocomplete: 'username' })),
-    field('Password', password, 'At least 8 characters; a long passphrase is best.'),
+    field('Password', password, 'A long passphrase is best. The cluster sets the minimum length (12 characters by default).'),
     field('Confirm password', confirm),
     methods.length ? h('h2', { class: 'section-title' }, 'Second factor') : null,
     methods.length > 1 ? tabs : null,

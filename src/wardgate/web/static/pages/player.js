@@ -112,7 +112,11 @@ export default async function render(el, ctx) {
     mount.dataset.playing = String(p);
   };
 
-  function create(startAt, autoPlay) {
+  let atEnd = false;
+
+  // startAt: where Play starts; showAt: the frame shown until then (when not playing at once), so
+  // recreating the player (speed, idle time) keeps the screen as it was.
+  function create(startAt, autoPlay, showAt = startAt) {
     if (player) {
       try {
         player.dispose();
@@ -124,12 +128,14 @@ export default async function render(el, ctx) {
     const opts = { speed, fit: 'width', controls: true, autoPlay, preload: true, terminalFontSize: '14px', theme: 'asciinema' };
     if (skipIdle) opts.idleTimeLimit = IDLE_LIMIT;
     if (startAt) opts.startAt = startAt;
+    if (!autoPlay && showAt) opts.poster = `npt:${showAt}`;
+    atEnd = false;
     player = window.AsciinemaPlayer.create({ data: text }, box, opts);
     window.wardPlayer = player;
-    player.addEventListener('play', () => setPlaying(true));
-    player.addEventListener('playing', () => setPlaying(true));
+    player.addEventListener('play', () => ((atEnd = false), setPlaying(true)));
+    player.addEventListener('playing', () => ((atEnd = false), setPlaying(true)));
     player.addEventListener('pause', () => setPlaying(false));
-    player.addEventListener('ended', () => setPlaying(false));
+    player.addEventListener('ended', () => ((atEnd = true), setPlaying(false)));
     setPlaying(!!autoPlay);
     mount.dataset.speed = String(speed);
   }
@@ -147,7 +153,9 @@ export default async function render(el, ctx) {
     const t = await current();
     speed = s;
     for (const b of speedBtns) b.setAttribute('aria-pressed', String(Number(b.dataset.speed) === s));
-    create(t, playing); // the player takes its speed at creation: recreate at the same point
+    // The player takes its speed at creation: recreate it at the same point (after the end, Play
+    // starts over, as it does in the player, while the last screen stays in view).
+    create(atEnd ? 0 : t, playing, t);
   }
 
   async function seekBy(d) {
@@ -166,7 +174,7 @@ export default async function render(el, ctx) {
   playBtn.addEventListener('click', () => (playing ? player.pause() : player.play()));
   idleBox.addEventListener('change', async () => {
     skipIdle = idleBox.checked;
-    create(0, false);
+    create(0, false); // the timeline changes with the idle limit: start over
   });
 
   async function tick() {

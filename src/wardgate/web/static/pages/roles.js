@@ -71,7 +71,9 @@ export default async function render(el, ctx) {
     if (!e) {
       err.clear();
     } else {
-      err.set(errorLine ? `Line ${errorLine}: ${e.message}` : e.message);
+      // The server may name the line itself ("role:7: ..."): say it once.
+      const msg = errorLine ? String(e.message).replace(new RegExp(`^[\\w.-]+:${errorLine}:\\s*`), '') : e.message;
+      err.set(errorLine ? `Line ${errorLine}: ${msg}` : msg);
       if (errorLine) {
         // Put the caret on the line and scroll to it.
         const lines = ta.value.split('\n');
