@@ -15,13 +15,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from wardgate.agent.heartbeat import repeat
 from wardgate.agent.ssh.service import SSHNodeOptions, SSHNodeService, node_resource
 from wardgate.agent.tunnel import TunnelAgent
 from wardgate.api.cache import ResourceCache
 from wardgate.api.client import AuthClient
 from wardgate.api.emitter import RemoteEmitter
 from wardgate.api.identityfile import IdentityFile
-from wardgate.api.resources import CertAuthority
 from wardgate.api.uploader import RecordingUploader
 from wardgate.audit.recording import recover_orphans
 from wardgate.protocols.tunnel import parse_client_addr
@@ -89,14 +89,7 @@ class NodeAgent:
         self.port = 0
 
     def _user_ca_keys(self) -> list[str]:
-        ca = self.cache.get("cert_authority", "user")
-        if not isinstance(ca, CertAuthority):
-            return []
-        return [
-            k.ssh_public_key
-            for k in (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
-            if k.ssh_public_key
-        ]
+        return self.cache.ca_ssh_keys("user")
 
     async def start(self) -> None:
         s = self.settings
@@ -120,7 +113,8 @@ class NodeAgent:
             )
             self.tunnel.start()
         await self.heartbeat()
-        self._tasks.append(asyncio.create_task(self._heartbeats()))
+        beats = repeat(HEARTBEAT_EVERY.total_seconds(), self.heartbeat, "heartbeat to the auth service")
+        self._tasks.append(asyncio.create_task(beats))
         self._tasks.append(asyncio.create_task(self.uploader.run()))
 
     async def _on_channel(self, service: str, client_addr: str, reader: Any, writer: Any) -> None:
@@ -132,14 +126,6 @@ class NodeAgent:
         node.metadata.expires = datetime.now(UTC) + NODE_TTL
         node.metadata.revision = None
         await self.auth.heartbeat(node)
-
-    async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_EVERY.total_seconds())
-            try:
-                await self.heartbeat()
-            except Exception as exc:
-                log.warning("heartbeat to the auth service failed: %s", exc)
 
     async def close(self) -> None:
         if self.tunnel is not None:

@@ -15,8 +15,11 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
+from cryptography import x509
+
 from wardgate.api.events import ResourceEvent, ResourceEventType
-from wardgate.api.resources import Resource
+from wardgate.api.resources import CertAuthority, Resource
+from wardgate.keys import load_x509_pem_list
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Resource)
@@ -33,6 +36,22 @@ class ResourceCache:
         self._listeners: list[Callable[[ResourceEvent], None]] = []
 
     # ---- reads (synchronous: no awaiting on the hot path)
+
+    def ca_certs(self, ca_type: str) -> list[x509.Certificate]:
+        """The X.509 certificates a CA's keys (active and additionally trusted) verify with."""
+        ca = self.get("cert_authority", ca_type)
+        if not isinstance(ca, CertAuthority):
+            return []
+        keys = (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
+        return load_x509_pem_list("".join(k.tls_cert_pem for k in keys))
+
+    def ca_ssh_keys(self, ca_type: str) -> list[str]:
+        """The SSH public keys (authorized_keys lines) of a CA, active and additionally trusted."""
+        ca = self.get("cert_authority", ca_type)
+        if not isinstance(ca, CertAuthority):
+            return []
+        keys = (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
+        return [k.ssh_public_key for k in keys if k.ssh_public_key]
 
     def get(self, kind: str, name: str) -> Resource | None:
         return self._items.get(kind, {}).get(name)

@@ -167,21 +167,11 @@ class AgentlessRecorder:
 
     # ------------------------------------------------------------ trust
 
-    def _ca_keys(self, ca_type: str) -> list[str]:
-        ca = self.cache.get("cert_authority", ca_type)
-        if not isinstance(ca, CertAuthority):
-            return []
-        return [
-            k.ssh_public_key
-            for k in (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
-            if k.ssh_public_key
-        ]
-
     def user_ca_keys(self) -> list[str]:
-        return self._ca_keys("user")
+        return self.cache.ca_ssh_keys("user")
 
     def host_ca_keys(self) -> list[str]:
-        return self._ca_keys("host")
+        return self.cache.ca_ssh_keys("host")
 
     @property
     def cluster(self) -> str:

@@ -21,10 +21,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from wardgate.api.cache import ResourceCache
-from wardgate.api.resources import CertAuthority, Database, DatabaseService
+from wardgate.api.resources import Database, DatabaseService
 from wardgate.auth.certs import verify_tls_identity
 from wardgate.errors import AuthenticationError, NotFoundError, WardgateError
-from wardgate.keys import load_x509_pem_list
 from wardgate.protocols.dbconn import encode_header
 from wardgate.proxy.router import TLSConnection
 from wardgate.proxy.tunnel import pipe, stream_pair
@@ -57,11 +56,10 @@ class DBProxy:
         return datetime.fromtimestamp(self.clock(), UTC)
 
     def _user_cas(self) -> list[x509.Certificate]:
-        ca = self.cache.get("cert_authority", "user")
-        if not isinstance(ca, CertAuthority):
+        cas = self.cache.ca_certs("user")
+        if not cas:
             raise AuthenticationError("the proxy has not loaded the user CA yet: retry in a moment")
-        keys = (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
-        return load_x509_pem_list("".join(k.tls_cert_pem for k in keys))
+        return cas
 
     def services_for(self, db: Database) -> list[str]:
         """Host ids of live database services serving `db`, local ones first."""

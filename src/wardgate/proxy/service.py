@@ -22,8 +22,6 @@ from wardgate.api.cache import ResourceCache
 from wardgate.api.client import AuthClient
 from wardgate.api.emitter import RemoteEmitter
 from wardgate.api.identityfile import IdentityFile
-from wardgate.api.resources import CertAuthority
-from wardgate.keys import load_x509_pem_list
 from wardgate.proxy.agentless import AgentlessRecorder
 from wardgate.proxy.db import ALPN_PROTOCOLS, DBProxy
 from wardgate.proxy.router import TLSRouter, server_context
@@ -74,7 +72,7 @@ class ProxyService:
             self.auth,
             auth_addr=self.auth.addr,
             ca_pems=lambda: list(identity.ca_pems),
-            user_cas=lambda: self._cas("user"),
+            user_cas=lambda: self.cache.ca_certs("user"),
             idle_timeout=settings.web_idle_timeout,
         )
         self._reaper: asyncio.Task[None] | None = None
@@ -84,15 +82,8 @@ class ProxyService:
         self._cache_task: asyncio.Task[None] | None = None
         self.address: tuple[str, int] | None = None
 
-    def _cas(self, ca_type: str) -> list[x509.Certificate]:
-        ca = self.cache.get("cert_authority", ca_type)
-        if not isinstance(ca, CertAuthority):
-            return []
-        keys = (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
-        return load_x509_pem_list("".join(k.tls_cert_pem for k in keys))
-
     def _host_cas(self) -> list[x509.Certificate]:
-        return self._cas("host")
+        return self.cache.ca_certs("host")
 
     def _authorize_agent(self, identity: object) -> None:
         from wardgate.auth.identity import Identity

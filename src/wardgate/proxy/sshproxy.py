@@ -25,13 +25,12 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from wardgate.api.cache import ResourceCache
-from wardgate.api.resources import CertAuthority, Node
+from wardgate.api.resources import Node
 from wardgate.audit.events import Emitter
 from wardgate.auth.access import check_ssh_access
 from wardgate.auth.certs import verify_tls_identity
 from wardgate.auth.identity import Identity
 from wardgate.errors import AccessDeniedError, AuthenticationError, BadParameterError, NotFoundError
-from wardgate.keys import load_x509_pem_list
 from wardgate.proxy.agentless import AgentlessRecorder
 from wardgate.proxy.relay import Relay
 from wardgate.proxy.router import TLSConnection
@@ -102,11 +101,10 @@ class SSHProxy:
         return datetime.fromtimestamp(self.clock(), UTC)
 
     def _user_cas(self) -> list[x509.Certificate]:
-        ca = self.cache.get("cert_authority", "user")
-        if not isinstance(ca, CertAuthority):
+        cas = self.cache.ca_certs("user")
+        if not cas:
             raise AuthenticationError("the proxy has not loaded the user CA yet: retry in a moment")
-        keys = (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
-        return load_x509_pem_list("".join(k.tls_cert_pem for k in keys))
+        return cas
 
     def identify(self, der: bytes | None) -> Identity:
         if not der:

@@ -65,7 +65,7 @@ from aiohttp import WSMsgType, web
 
 from wardgate.api.cache import ResourceCache
 from wardgate.api.events import ResourceEvent, ResourceEventType
-from wardgate.api.resources import CertAuthority, Lock, Node
+from wardgate.api.resources import Lock, Node
 from wardgate.audit.recording import RecordingWriter
 from wardgate.auth.access import SESSION_MFA_REQUIRED, check_ssh_access
 from wardgate.auth.certs import verify_ssh_user_cert
@@ -1021,25 +1021,11 @@ class WebTerminal:
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
 
-    def _ca_keys(self, ca_type: str) -> list[asyncssh.SSHKey]:
-        ca = self.cache.get("cert_authority", ca_type)
-        if not isinstance(ca, CertAuthority):
-            return []
-        keys = (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
-        return [asyncssh.import_public_key(k.ssh_public_key) for k in keys if k.ssh_public_key]
-
     def host_ca_keys(self) -> list[asyncssh.SSHKey]:
-        return self._ca_keys("host")
+        return [asyncssh.import_public_key(k) for k in self.cache.ca_ssh_keys("host")]
 
     def user_ca_keys(self) -> list[str]:
-        ca = self.cache.get("cert_authority", "user")
-        if not isinstance(ca, CertAuthority):
-            return []
-        return [
-            k.ssh_public_key
-            for k in (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
-            if k.ssh_public_key
-        ]
+        return self.cache.ca_ssh_keys("user")
 
     @property
     def live(self) -> int:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from wardgate.agent.db.service import DatabaseService, Engine
+from wardgate.agent.heartbeat import repeat
 from wardgate.agent.tunnel import TunnelAgent
 from wardgate.api.cache import ResourceCache
 from wardgate.api.client import AuthClient
@@ -125,7 +126,8 @@ class DatabaseAgent:
             )
             self.tunnel.start()
         await self.heartbeat()
-        self._tasks.append(asyncio.create_task(self._heartbeats()))
+        beats = repeat(HEARTBEAT_EVERY.total_seconds(), self.heartbeat, "database heartbeat")
+        self._tasks.append(asyncio.create_task(beats))
 
     async def _on_channel(self, service: str, client_addr: str, reader: Any, writer: Any) -> None:
         await self.service.serve_tunnel_channel(reader, writer)
@@ -146,14 +148,6 @@ class DatabaseAgent:
             ),
         )
         await self.auth.db_heartbeat(me)
-
-    async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_EVERY.total_seconds())
-            try:
-                await self.heartbeat()
-            except Exception as exc:
-                log.warning("database heartbeat to the auth service failed: %s", exc)
 
     async def close(self) -> None:
         if self.tunnel is not None:

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from wardgate.api.cache import ResourceCache
 from wardgate.api.client import AuthClient
 from wardgate.api.identityfile import load_key_pair
-from wardgate.api.resources import CertAuthority, Database, Lock, Role
+from wardgate.api.resources import Database, Lock, Role
 from wardgate.audit.events import Emitter
 from wardgate.auth.access import SESSION_MFA_REQUIRED
 from wardgate.auth.certs import verify_tls_identity
@@ -173,19 +173,10 @@ class DatabaseService:
             task = asyncio.get_running_loop().create_task(self.emitter.emit(event, **fields))
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    def _cas(self, ca_type: str) -> list[x509.Certificate]:
-        from wardgate.keys import load_x509_pem_list
-
-        ca = self.cache.get("cert_authority", ca_type)
-        if not isinstance(ca, CertAuthority):
-            return []
-        keys = (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
-        return load_x509_pem_list("".join(k.tls_cert_pem for k in keys))
-
     # ---------------------------------------------------------------- checks
 
     def identify(self, cert_pem: str) -> Identity:
-        ident = verify_tls_identity(cert_pem, self._cas("user"), now=self.now())
+        ident = verify_tls_identity(cert_pem, self.cache.ca_certs("user"), now=self.now())
         if ident.system_role:
             raise AuthenticationError("a service certificate cannot open database sessions")
         if ident.route_to_db is None or not ident.route_to_db.service_name:
@@ -247,7 +238,7 @@ class DatabaseService:
         return ctx
 
     def _db_ca_pem(self) -> str:
-        return "".join(c.public_bytes(Encoding.PEM).decode() for c in self._cas("db"))
+        return "".join(c.public_bytes(Encoding.PEM).decode() for c in self.cache.ca_certs("db"))
 
     # ---------------------------------------------------------------- connections
 
