@@ -1014,7 +1014,8 @@ class AuthServer:
             raise BadParameterError("say which names the database answers to: --host db.internal[,10.0.0.5]")
         cert = self.signer("db").sign_tls_cert(
             tls_public_key,
-            Identity(user=(names or ips)[0]),
+            # Not a plain name: the certificate must never pass as a db user's client certificate.
+            Identity(user=f"db-server:{(names or ips)[0]}"),
             ttl=ttl,
             now=self.now(),
             dns_names=names,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import sys
 from datetime import UTC, datetime
@@ -11,9 +12,10 @@ import click
 
 from wardgate import __version__, runtime
 from wardgate.cli.output import FORMATS, console, details, dump, err_console, guarded, table
-from wardgate.errors import AuthenticationError, BadParameterError
+from wardgate.errors import AuthenticationError, BadParameterError, NotFoundError
 
 if TYPE_CHECKING:
+    from wardgate.client.db import DBLogin
     from wardgate.client.profile import Profile
 
 
@@ -372,6 +374,293 @@ def proxy_ssh(proxy_addr: str, home: str, target: str) -> None:
     profile = ProfileStore(home or None).load(proxy_addr or None).require_valid()
     t = parse_proxy_target(target, profile)
     runtime.run(proxy_stdio(profile, t.host, t.port, t.login))
+
+
+def _warn(message: str) -> None:
+    """One line on stderr for a problem with one connection (the listener keeps going)."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold yellow]WARNING:[/] {escape(message)}", markup=True, highlight=False)
+
+
+@proxy.command(name="db")
+@click.argument("name")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Local port (0: any free one).",
+)
+@click.option(
+    "--tunnel", is_flag=True, help="Add your identity here: local clients connect without certificates."
+)
+@click.option("--db-user", default="", help="Log in as this database user first (if not already).")
+@click.option("--db-name", default="", help="Log in to this database on the server first (if not already).")
+@PROXY_OPTION
+@guarded
+def proxy_db(name: str, port: int, tunnel: bool, db_user: str, db_name: str, proxy: str) -> None:
+    """Listen on 127.0.0.1 and relay each connection to database NAME through the proxy.
+
+    With --tunnel every local connection gets its own TLS connection to the proxy carrying your
+    certificate for NAME (from `ward db login`), so psql, mysql or any GUI client connects to
+    127.0.0.1:PORT without TLS or a password. Runs until Ctrl-C.
+    """
+    from wardgate.client.db import (
+        LOCAL_HOST,
+        DBStore,
+        DBTunnel,
+        check_db_name,
+        connect_command,
+        ensure_login,
+        serve_tunnel,
+    )
+
+    check_db_name(name)
+    profile = _load(proxy, valid=False)
+    store = DBStore(profile)
+    if not tunnel:
+        raise BadParameterError(
+            f"without --tunnel, your client would connect to the proxy itself with the certificate in "
+            f"{store.folder}: that is not available yet; use --tunnel"
+        )
+    login = runtime.run(ensure_login(profile, name, db_user, db_name, store=store))
+    login.require_valid()
+    flavor = ""
+    if login.protocol == "mysql":
+        from wardgate.client.db import find_client
+
+        with contextlib.suppress(BadParameterError):
+            flavor = find_client("mysql").flavor
+
+    def ready(bound: int) -> None:
+        who = login.db_user + (f", database {login.db_name}" if login.db_name else "")
+        click.echo(
+            f'Started a local tunnel to database "{name}" ({login.protocol}, as {who}) on '
+            f"{LOCAL_HOST}:{bound}. Connect with:\n\n  {connect_command(login, bound, flavor=flavor)}\n\n"
+            "Press Ctrl-C to stop."
+        )
+        sys.stdout.flush()
+
+    t = DBTunnel(profile, name, store=store, on_error=_warn)
+    runtime.run(serve_tunnel(t, port=port, on_ready=ready))
+    err_console.print(f'Stopped the tunnel to database "{name}".', markup=False)
+
+
+# ---------------------------------------------------------------- databases
+
+
+@main.group()
+def db() -> None:
+    """Databases: list, log in, connect with psql or mysql, settings for other clients."""
+
+
+def _db_users_text(entry: dict) -> str:
+    return ", ".join(str(u) for u in entry.get("db_users") or [])
+
+
+def _as_text(login_user: str, login_db: str) -> str:
+    return login_user + (f"@{login_db}" if login_db else "")
+
+
+@db.command(name="ls")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@PROXY_OPTION
+@guarded
+def db_ls(fmt: str, proxy: str) -> None:
+    """List the databases you may reach (and as whom you are logged in to each)."""
+    from wardgate.client.db import DBStore, visible_databases
+
+    profile = _load(proxy)
+    dbs = runtime.run(visible_databases(profile))
+    logins = {x.name: x for x in DBStore(profile).logins()}
+    if fmt != "text":
+        out = []
+        for d in dbs:
+            login = logins.get(str(d.get("name")))
+            out.append(
+                {
+                    **d,
+                    "logged_in": login is not None and not login.is_expired(),
+                    "login": login.to_dict() if login is not None else None,
+                }
+            )
+        dump(out, fmt)
+        return
+    rows = []
+    for d in dbs:
+        login = logins.get(str(d.get("name")))
+        mark = ""
+        if login is not None:
+            mark = _as_text(login.db_user, login.db_name) + (" [EXPIRED]" if login.is_expired() else "")
+        rows.append(
+            [
+                ("> " if mark else "") + str(d.get("name", "")),
+                d.get("description", ""),
+                d.get("protocol", ""),
+                ",".join(f"{k}={v}" for k, v in sorted((d.get("labels") or {}).items())),
+                _db_users_text(d),
+                mark,
+            ]
+        )
+    table(
+        ["Name", "Description", "Protocol", "Labels", "DB users", "Logged in as"],
+        rows,
+        empty="No databases: none are served, or your roles let you see none.",
+    )
+
+
+@db.command(name="login")
+@click.argument("name")
+@click.option(
+    "--db-user", default="", help="Database user to connect as (default: the previous one, or your only one)."
+)
+@click.option(
+    "--db-name",
+    default="",
+    help="Database on the server (default: the previous one, or the server's default).",
+)
+@PROXY_OPTION
+@guarded
+def db_login(name: str, db_user: str, db_name: str, proxy: str) -> None:
+    """Get a certificate for database NAME as a database user.
+
+    It is kept in ~/.ward until it expires (at the latest when your `ward login` does), with the
+    db user and name, so `ward db connect` and `ward proxy db` need neither again.
+    """
+    from wardgate.client.db import db_login as do_login
+
+    profile = _load(proxy)
+    login = runtime.run(do_login(profile, name, db_user, db_name))
+    who = _as_text(login.db_user, login.db_name)
+    console.print(
+        f'Logged in to database "{name}" ({login.protocol}) as {who}, valid until '
+        f"{login.valid_until:%Y-%m-%d %H:%M:%S} UTC.\n"
+        f"Connect: ward db connect {name}    Local tunnel: ward proxy db {name} --tunnel",
+        markup=False,
+    )
+
+
+@db.command(name="logout")
+@click.argument("name", required=False)
+@PROXY_OPTION
+@guarded
+def db_logout(name: str | None, proxy: str) -> None:
+    """Forget the certificate of database NAME (without NAME: of every database)."""
+    from wardgate.client.db import DBStore
+
+    store = DBStore(_load(proxy, valid=False))
+    if name:
+        if not store.remove(name):
+            raise NotFoundError(f'not logged in to database "{name}"')
+        console.print(f'Logged out of database "{name}".', markup=False)
+        return
+    names = [x.name for x in store.logins()]
+    for n in names:
+        store.remove(n)
+    console.print(
+        f"Logged out of {', '.join(names)}." if names else "Not logged in to any database.", markup=False
+    )
+
+
+@db.command(name="connect")
+@click.argument("name")
+@click.option("--db-user", default="", help="Database user (default: the one you logged in as).")
+@click.option("--db-name", default="", help="Database on the server (default: the one you logged in to).")
+@PROXY_OPTION
+@click.argument("client_args", nargs=-1, type=click.UNPROCESSED)
+@guarded
+def db_connect(name: str, db_user: str, db_name: str, proxy: str, client_args: tuple[str, ...]) -> None:
+    """Run psql, mariadb or mysql on database NAME, logging in first if needed.
+
+    Arguments after `--` go to the client, e.g. `ward db connect pg -- -c 'select 1'`. The exit
+    code is the client's.
+    """
+    from wardgate.client.db import (
+        DBStore,
+        DBTunnel,
+        client_argv,
+        client_env,
+        ensure_login,
+        find_client,
+        run_client,
+    )
+
+    profile = _load(proxy, valid=False)
+    store = DBStore(profile)
+    login = runtime.run(ensure_login(profile, name, db_user, db_name, store=store))
+    login.require_valid()
+    client = find_client(login.protocol)
+    extra = list(client_args[1:] if client_args[:1] == ("--",) else client_args)
+
+    t = DBTunnel(profile, name, store=store, on_error=_warn)
+    rc = runtime.run(
+        run_client(
+            t,
+            lambda port: client_argv(client, port, login.db_user, login.db_name, extra),
+            client_env(login.protocol),
+        )
+    )
+    sys.exit(rc)
+
+
+def _db_login_for(name: str, proxy: str) -> tuple[Profile, DBLogin]:
+    from wardgate.client.db import DBStore
+
+    profile = _load(proxy, valid=False)
+    return profile, DBStore(profile).load(name)
+
+
+@db.command(name="env")
+@click.argument("name")
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="The port `ward proxy db NAME --tunnel` listens on.",
+)
+@PROXY_OPTION
+@guarded
+def db_env(name: str, port: int | None, proxy: str) -> None:
+    """Print shell exports for database NAME.
+
+    With the port of a running `ward proxy db NAME --tunnel`, plain psql then works:
+
+    \b
+    eval "$(ward db env NAME --port=N)"; psql
+    """
+    from wardgate.client.db import env_lines
+
+    _, login = _db_login_for(name, proxy)
+    click.echo("\n".join(env_lines(login, port)))
+
+
+@db.command(name="config")
+@click.argument("name")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@PROXY_OPTION
+@guarded
+def db_config(name: str, fmt: str, proxy: str) -> None:
+    """Show the login of database NAME: db user and name, certificate files, expiry."""
+    profile, login = _db_login_for(name, proxy)
+    info = login.describe(profile)
+    if fmt != "text":
+        dump(info, fmt)
+        return
+    until = f"{login.valid_until:%Y-%m-%d %H:%M:%S} UTC" + (" [EXPIRED]" if info["expired"] else "")
+    details(
+        [
+            ("Name", login.name),
+            ("Protocol", login.protocol),
+            ("Proxy", f"{profile.proxy} (ALPN {info['alpn']})"),
+            ("DB user", login.db_user),
+            ("DB name", login.db_name or "(the server's default)"),
+            ("Certificate", info["cert"]),
+            ("Key", info["key"]),
+            ("CA", info["ca"]),
+            ("Valid until", until),
+        ]
+    )
 
 
 @main.command()

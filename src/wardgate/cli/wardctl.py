@@ -544,14 +544,38 @@ def auth_export(c: Ctx, ca_type: str) -> None:
 
 @auth_group.command("sign")
 @click.option("--user", help="Sign an identity file for this (bot) user.")
-@click.option("--host", help="Sign an SSH host certificate for an OpenSSH server with this name.")
+@click.option(
+    "--host",
+    help="An OpenSSH server's name; with --format=db the database's names and addresses (comma-separated).",
+)
 @click.option("--principals", default="", help="With --host: extra names/addresses (comma-separated).")
-@click.option("-o", "--out", required=True, help="Output file (--user) or key prefix (--host).")
-@click.option("--ttl", default="", help="Validity (default: 12h for users, 30 days for hosts).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["identity", "openssh", "db"]),
+    default=None,
+    help="identity (default with --user), openssh (default with --host), or db: a server "
+    "certificate for PostgreSQL/MariaDB from the db CA.",
+)
+@click.option(
+    "-o", "--out", required=True, help="Output file (--user) or prefix of the files written (--host)."
+)
+@click.option(
+    "--ttl", default="", help="Validity (default: 12h for users, 30 days for hosts, 8760h for databases)."
+)
 @pass_ctx
 @guarded
-def auth_sign(c: Ctx, user: str | None, host: str | None, principals: str, out: str, ttl: str) -> None:
-    """Issue credentials: an identity file for a bot, or host keys+cert for OpenSSH."""
+def auth_sign(
+    c: Ctx, user: str | None, host: str | None, principals: str, fmt: str | None, out: str, ttl: str
+) -> None:
+    """Issue credentials: an identity file for a bot, host keys+cert for OpenSSH, or a
+    database's server certificate.
+
+    \b
+    wardctl auth sign --user=ci -o ci.identity
+    wardctl auth sign --host=web1 -o /etc/ssh/wardgate_host_key
+    wardctl auth sign --format=db --host=db.internal,10.0.0.5 --out=/etc/postgresql/wardgate
+    """
     from wardgate.keys import (
         generate_ssh_key,
         generate_tls_key,
@@ -563,8 +587,19 @@ def auth_sign(c: Ctx, user: str | None, host: str | None, principals: str, out: 
 
     if bool(user) == bool(host):
         raise BadParameterError("pass exactly one of --user or --host")
+    fmt = fmt or ("identity" if user else "openssh")
+    if (fmt == "identity") != bool(user):
+        raise BadParameterError(
+            "--format=identity goes with --user; --format=openssh and --format=db go with --host"
+        )
     if ttl:
         _ttl(ttl)
+    if fmt == "db":
+        assert host is not None
+        if principals:
+            raise BadParameterError("--format=db takes every name and address in --host (comma-separated)")
+        _sign_db_server(c, _parse_kv_list(host), out, ttl or "8760h")
+        return
     if user:
         key = generate_tls_key()
         data = c.run(
@@ -601,6 +636,48 @@ def auth_sign(c: Ctx, user: str | None, host: str | None, principals: str, out: 
     console.print(f"  HostKey {base.resolve()}\n  HostCertificate {base.resolve()}-cert.pub")
     console.print(
         "  TrustedUserCAKeys /etc/ssh/wardgate_user_ca.pub   # from: wardctl auth export --type=user"
+    )
+
+
+def _write_private(path: Path, text: str) -> None:
+    """0600 from the first byte, also when the file existed with wider permissions."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
+
+
+def _sign_db_server(c: Ctx, hosts: list[str], out: str, ttl: str) -> None:
+    """`--format=db`: PREFIX.key, PREFIX.crt (db CA-signed, SANs = hosts) and PREFIX.cas (the db
+    CA, which the database trusts for the client certificates Wardgate presents)."""
+    from wardgate.keys import generate_tls_key, load_x509, private_key_pem, public_key_pem
+
+    if not hosts:
+        raise BadParameterError("--host: give the names and addresses the database answers to")
+    key = generate_tls_key()
+    data = c.run(lambda cl: cl.db_server_cert(hosts, public_key_pem(key.public_key()), ttl))
+    cert_pem, ca_pem = str(data["tls_cert"]).strip() + "\n", str(data["ca_pem"]).strip() + "\n"
+    until = _fmt_time(load_x509(cert_pem).not_valid_after_utc)
+    key_path, crt_path, cas_path = (Path(f"{out}.{ext}") for ext in ("key", "crt", "cas"))
+    _write_private(key_path, private_key_pem(key))
+    crt_path.write_text(cert_pem)
+    cas_path.write_text(ca_pem)
+    k, crt, cas = (p.resolve() for p in (key_path, crt_path, cas_path))
+    console.print(
+        f"Wrote {key_path}, {crt_path} and {cas_path} (the database CA), for {', '.join(hosts)}, "
+        f"valid until {until}.\n"
+        "The key must be readable by the database's OS user only "
+        f"(e.g. chown postgres:postgres {k}; chmod 600 {k}).\n"
+        "\nPostgreSQL, postgresql.conf:\n"
+        f"  ssl = on\n  ssl_cert_file = '{crt}'\n  ssl_key_file = '{k}'\n  ssl_ca_file = '{cas}'\n"
+        "and pg_hba.conf (Wardgate logs in with a certificate whose common name is the db user):\n"
+        "  hostssl all all 0.0.0.0/0 cert\n  hostssl all all ::/0 cert\n"
+        "\nMariaDB/MySQL, my.cnf under [mysqld]:\n"
+        f"  ssl-cert = {crt}\n  ssl-key = {k}\n  ssl-ca = {cas}\n"
+        "and for each user Wardgate connects as (its certificate's subject is /CN=<db user>):\n"
+        "  ALTER USER 'alice'@'%' REQUIRE SUBJECT '/CN=alice';\n"
+        "  -- REQUIRE X509 also works, but accepts a db-CA certificate issued for any user",
+        markup=False,
     )
 
 

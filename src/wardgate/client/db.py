@@ -1,0 +1,853 @@
+"""Databases for `ward`: per-database certificates, the local tunnel native clients use, and
+the command lines of psql, mysql and mariadb.
+
+Layout, next to the profile's keys (``~/.ward/keys/<proxy>/<user>-db/``, 0700)::
+
+    <NAME>.key     P-256 private key for database NAME (PKCS#8, 0600; kept across logins)
+    <NAME>.crt     the certificate `ward db login` got: the user's identity routed to NAME as one db user
+    <NAME>.yaml    name, protocol, db_user, db_name, valid_until: what connect/proxy db/env need again
+    ca.pem         the cluster's host CA certificates: how the tunnel recognises the proxy
+
+`ward logout` removes the whole key folder, so these go with it.
+
+The data path: every connection a local client makes to the tunnel becomes its own TLS
+connection to the proxy's one port with ALPN `ward-postgres` or `ward-mysql`, presenting
+`<NAME>.crt` and verifying the proxy against `ca.pem`. The database's own protocol then flows
+inside that TLS stream unchanged (no header: the certificate's route says which database and
+db user), relayed by `wardgate.proxy.relay` (256 KiB buffers, back-pressure, half-close).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import ssl
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from wardgate.api.client import ConnectionFailed
+from wardgate.api.identityfile import server_trusting_context
+from wardgate.api.resources import NAME_RE
+from wardgate.client.profile import NotLoggedInError, Profile, atomic_write, split_host_port
+from wardgate.client.proxyclient import ProxyClient
+from wardgate.client.tlsstream import open_tls_connection
+from wardgate.errors import AccessDeniedError, BadParameterError, NotFoundError, WardgateError
+from wardgate.keys import generate_tls_key, load_private_key, load_x509, private_key_pem, public_key_pem
+from wardgate.proxy.relay import Relay, RelayStats
+
+log = logging.getLogger(__name__)
+
+ALPN = {"postgres": "ward-postgres", "mysql": "ward-mysql"}
+BUFFER_SIZE = 256 * 1024
+LOCAL_HOST = "127.0.0.1"
+RENEW_MARGIN = timedelta(minutes=1)
+"""`connect`/`proxy db` log in again when the certificate has less than this left."""
+
+
+class NotLoggedInToDatabase(NotLoggedInError):
+    """No (usable) certificate for this database: the fix is `ward db login NAME`."""
+
+
+class DatabaseCertExpired(NotLoggedInToDatabase):
+    pass
+
+
+def check_db_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise BadParameterError(f"bad database name {name!r}: `ward db ls` lists the names")
+    return name
+
+
+# ---------------------------------------------------------------- the certificate store
+
+
+@dataclass
+class DBLogin:
+    """One `ward db login`: which database, as whom, until when, and where its files are."""
+
+    name: str
+    protocol: str
+    db_user: str
+    db_name: str
+    valid_until: datetime
+    folder: Path
+
+    @property
+    def cert_path(self) -> Path:
+        return self.folder / f"{self.name}.crt"
+
+    @property
+    def key_path(self) -> Path:
+        return self.folder / f"{self.name}.key"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.folder / f"{self.name}.yaml"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.folder / "ca.pem"
+
+    @property
+    def alpn(self) -> str:
+        try:
+            return ALPN[self.protocol]
+        except KeyError:
+            raise BadParameterError(
+                f'database "{self.name}" speaks {self.protocol!r}, which ward cannot connect to'
+            ) from None
+
+    def is_expired(self, now: datetime | None = None, margin: timedelta = timedelta(0)) -> bool:
+        return (now or datetime.now(UTC)) + margin >= self.valid_until
+
+    def require_valid(self, now: datetime | None = None) -> DBLogin:
+        if self.is_expired(now):
+            raise DatabaseCertExpired(
+                f'your certificate for database "{self.name}" expired at '
+                f"{self.valid_until:%Y-%m-%d %H:%M:%S} UTC: run `ward db login {self.name}` again"
+            )
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Mutual TLS to the proxy: this database's certificate out, the cluster's host CA in."""
+        try:
+            pems = self.ca_path.read_text()
+        except FileNotFoundError:
+            raise NotLoggedInToDatabase(
+                f"the cluster CA is missing from {self.ca_path}: run `ward db login {self.name}` again"
+            ) from None
+        ctx = server_trusting_context([pems])
+        try:
+            ctx.load_cert_chain(self.cert_path, self.key_path)
+        except (FileNotFoundError, ssl.SSLError) as exc:
+            raise NotLoggedInToDatabase(
+                f'cannot load your certificate for database "{self.name}" ({exc}): '
+                f"run `ward db login {self.name}` again"
+            ) from None
+        ctx.set_alpn_protocols([self.alpn])
+        return ctx
+
+    def to_dict(self) -> dict[str, Any]:
+        """What `<NAME>.yaml` holds."""
+        return {
+            "name": self.name,
+            "protocol": self.protocol,
+            "db_user": self.db_user,
+            "db_name": self.db_name,
+            "valid_until": self.valid_until.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        }
+
+    def describe(self, profile: Profile) -> dict[str, Any]:
+        """Everything `ward db config` shows (and `--format json` prints)."""
+        return {
+            **self.to_dict(),
+            "proxy": profile.proxy,
+            "alpn": ALPN.get(self.protocol, ""),
+            "cert": str(self.cert_path),
+            "key": str(self.key_path),
+            "ca": str(self.ca_path),
+            "expired": self.is_expired(),
+        }
+
+
+class DBStore:
+    """The database certificates of one profile (see the module docstring for the layout)."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.folder = profile.key_dir / f"{profile.user}-db"
+
+    def _login(self, name: str, data: Any) -> DBLogin:
+        try:
+            until = data["valid_until"]
+            if isinstance(until, str):
+                until = datetime.fromisoformat(until.replace("Z", "+00:00"))
+            if until.tzinfo is None:
+                until = until.replace(tzinfo=UTC)
+            return DBLogin(
+                name=name,
+                protocol=str(data["protocol"]),
+                db_user=str(data.get("db_user") or ""),
+                db_name=str(data.get("db_name") or ""),
+                valid_until=until,
+                folder=self.folder,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise NotLoggedInToDatabase(
+                f'the saved login for database "{name}" is damaged: run `ward db login {name}` again'
+            ) from None
+
+    def find(self, name: str) -> DBLogin | None:
+        check_db_name(name)
+        try:
+            data = yaml.safe_load((self.folder / f"{name}.yaml").read_text())
+        except FileNotFoundError:
+            return None
+        except yaml.YAMLError:
+            data = None
+        return self._login(name, data)
+
+    def load(self, name: str) -> DBLogin:
+        found = self.find(name)
+        if found is None:
+            raise NotLoggedInToDatabase(
+                f'not logged in to database "{name}": run `ward db login {name} --db-user=USER`'
+            )
+        return found
+
+    def logins(self) -> list[DBLogin]:
+        out = []
+        if self.folder.is_dir():
+            for p in sorted(self.folder.glob("*.yaml")):
+                name = p.name[: -len(".yaml")]
+                if NAME_RE.match(name):
+                    with contextlib.suppress(NotLoggedInToDatabase):
+                        if (found := self.find(name)) is not None:
+                            out.append(found)
+        return out
+
+    def key(self, name: str) -> ec.EllipticCurvePrivateKey:
+        """The database's key if one is saved (and usable), else a fresh P-256 key."""
+        path = self.folder / f"{check_db_name(name)}.key"
+        with contextlib.suppress(FileNotFoundError, BadParameterError):
+            key = load_private_key(path.read_bytes())
+            if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+                return key
+        return generate_tls_key()
+
+    def save(
+        self,
+        name: str,
+        *,
+        protocol: str,
+        db_user: str,
+        db_name: str,
+        key: ec.EllipticCurvePrivateKey,
+        cert_pem: str,
+        ca_pems: Sequence[str],
+    ) -> DBLogin:
+        """Key, certificate and CA first, the small yaml last: it never points at missing files."""
+        check_db_name(name)
+        cert = load_x509(cert_pem)
+        if public_key_pem(cert.public_key()) != public_key_pem(key):
+            raise WardgateError("the cluster returned a certificate for a different key: not saving it")
+        if not ca_pems:
+            raise WardgateError("the cluster sent no CA to verify the proxy by: not saving the certificate")
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.folder, 0o700)
+        login = DBLogin(
+            name=name,
+            protocol=protocol,
+            db_user=db_user,
+            db_name=db_name,
+            valid_until=cert.not_valid_after_utc,
+            folder=self.folder,
+        )
+        atomic_write(login.key_path, private_key_pem(key), 0o600)
+        atomic_write(login.cert_path, cert_pem.strip() + "\n", 0o644)
+        atomic_write(login.ca_path, "".join(p.strip() + "\n" for p in ca_pems), 0o644)
+        atomic_write(login.meta_path, yaml.safe_dump(login.to_dict(), sort_keys=False), 0o600)
+        return login
+
+    def remove(self, name: str) -> bool:
+        """Forget database NAME's login (key, certificate, yaml); True if there was one."""
+        check_db_name(name)
+        found = False
+        for suffix in (".yaml", ".crt", ".key"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / f"{name}{suffix}").unlink()
+                found = True
+        if found and not any(self.folder.glob("*.yaml")):
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / "ca.pem").unlink()
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+        return found
+
+
+# ---------------------------------------------------------------- talking to the cluster
+
+
+async def visible_databases(profile: Profile) -> list[dict[str, Any]]:
+    """What `ward db ls` shows: name, description, protocol, labels, db_users."""
+    async with ProxyClient.for_profile(profile) as c:
+        return await c.visible_databases()
+
+
+def default_db_user(entry: Mapping[str, Any]) -> str:
+    """The one db user the roles name, if there is exactly one and it is not a wildcard."""
+    users = [str(u) for u in entry.get("db_users") or [] if u and "*" not in str(u) and "{{" not in str(u)]
+    return users[0] if len(users) == 1 else ""
+
+
+async def db_login(
+    profile: Profile, name: str, db_user: str = "", db_name: str = "", *, store: DBStore | None = None
+) -> DBLogin:
+    """`ward db login`: a certificate routed to database NAME as `db_user`, saved in the store.
+
+    A db user or db name not given falls back to the previous login's (then, for the user, to
+    the only one the roles allow). The database's key is reused across logins.
+    """
+    check_db_name(name)
+    store = store or DBStore(profile)
+    previous = None
+    with contextlib.suppress(NotLoggedInToDatabase):
+        previous = store.find(name)  # a damaged saved login is simply replaced
+    async with ProxyClient.for_profile(profile) as c:
+        dbs = await c.visible_databases()
+        entry = next((d for d in dbs if d.get("name") == name), None)
+        if entry is None:
+            raise NotFoundError(
+                f'database "{name}" not found: `ward db ls` lists the ones you can reach '
+                "(a database is listed while a database service serves it)"
+            )
+        protocol = str(entry.get("protocol") or "")
+        if protocol not in ALPN:
+            raise BadParameterError(f'database "{name}" speaks {protocol!r}, which ward cannot connect to')
+        if not db_user and previous is not None:
+            db_user = previous.db_user
+        db_user = db_user or default_db_user(entry)
+        if not db_user:
+            allowed = ", ".join(str(u) for u in entry.get("db_users") or []) or "none"
+            raise BadParameterError(
+                f"say which database user to connect as: --db-user=NAME (your roles allow: {allowed})"
+            )
+        if not db_name and previous is not None:
+            db_name = previous.db_name
+        key = store.key(name)
+        try:
+            resp = await c.db_user_cert(
+                db=name, db_user=db_user, db_name=db_name, tls_public_key=public_key_pem(key)
+            )
+        except (AccessDeniedError, BadParameterError) as exc:
+            raise type(exc)(f'cannot log in to database "{name}" as {db_user}: {exc}') from None
+    cert_pem = str(resp.get("tls_cert") or "")
+    if not cert_pem:
+        raise WardgateError(f"the proxy at {profile.proxy} answered without a certificate")
+    ca_pems = [str(p) for p in resp.get("host_ca_pems") or []] or profile.host_ca_pems()
+    return store.save(
+        name,
+        protocol=protocol,
+        db_user=db_user,
+        db_name=db_name,
+        key=key,
+        cert_pem=cert_pem,
+        ca_pems=ca_pems,
+    )
+
+
+async def ensure_login(
+    profile: Profile, name: str, db_user: str = "", db_name: str = "", *, store: DBStore | None = None
+) -> DBLogin:
+    """The saved login if it is valid (for a while yet) and matches what was asked; else log in."""
+    store = store or DBStore(profile)
+    found = None
+    with contextlib.suppress(NotLoggedInToDatabase):
+        found = store.find(name)
+    if (
+        found is not None
+        and not found.is_expired(margin=RENEW_MARGIN)
+        and (not db_user or db_user == found.db_user)
+        and (not db_name or db_name == found.db_name)
+    ):
+        return found
+    return await db_login(profile, name, db_user, db_name, store=store)
+
+
+# ---------------------------------------------------------------- the data path
+
+
+def _server_hostname(host: str) -> str | None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return None  # no SNI for IP addresses, as for `ward-ssh`
+
+
+def _unreachable(profile: Profile, exc: BaseException) -> ConnectionFailed:
+    return ConnectionFailed(
+        f"cannot reach the proxy at {profile.proxy} ({exc or type(exc).__name__}): "
+        "check the address and that the Wardgate proxy is running"
+    )
+
+
+def _tls_failure(profile: Profile, login: DBLogin, exc: ssl.SSLError) -> WardgateError:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ConnectionFailed(
+            f"cannot verify the proxy at {profile.proxy}: {exc.verify_message or exc}: it is not a proxy "
+            f"of cluster {profile.cluster}, or the cluster's CA changed (run `ward login` again)"
+        )
+    text = str(exc)
+    if "expired" in text.lower():
+        return DatabaseCertExpired(
+            f'the proxy refused your certificate for database "{login.name}": it has expired; '
+            f"run `ward db login {login.name}` again"
+        )
+    if "alert" in text.lower():
+        return AccessDeniedError(
+            f'the proxy refused your certificate for database "{login.name}" ({exc.reason or text}): '
+            f"run `ward db login {login.name}` again"
+        )
+    return ConnectionFailed(f"TLS with the proxy at {profile.proxy} failed: {text}")
+
+
+def _check_alpn(profile: Profile, login: DBLogin, chosen: str | None) -> None:
+    if chosen != login.alpn:
+        raise ConnectionFailed(
+            f"the proxy at {profile.proxy} does not offer database access ({login.alpn}; it chose "
+            f"{chosen or 'no protocol'}): is it a Wardgate proxy with database access enabled?"
+        )
+
+
+async def open_db_stream(
+    profile: Profile, login: DBLogin, *, dial_timeout: float = 30.0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """One TLS connection to the proxy for database `login.name`: the native protocol flows
+    through the returned streams (for tools and tests; the tunnel relays without streams)."""
+    login.require_valid()
+    ctx = login.ssl_context()
+    host, port = split_host_port(profile.proxy)
+    try:
+        reader, writer = await asyncio.wait_for(
+            open_tls_connection(host, port, ctx, server_hostname=_server_hostname(host)), dial_timeout
+        )
+    except ssl.SSLError as exc:
+        raise _tls_failure(profile, login, exc) from None
+    except (OSError, TimeoutError) as exc:
+        raise _unreachable(profile, exc) from None
+    try:
+        _check_alpn(profile, login, writer.get_extra_info("selected_alpn"))
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
+ErrorSink = Callable[[str], None]
+
+
+class _Held(asyncio.Protocol):
+    """A connection waiting for the relay: keeps what arrives (reading stops after one buffer's
+    worth, so a fast sender cannot make us hoard) and whether its peer finished or left."""
+
+    def __init__(self, limit: int, on_made: Callable[[_Held], None] | None = None) -> None:
+        self.limit = limit
+        self.on_made = on_made
+        self.transport: Any = None
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.eof = False
+        self.lost = False
+        self.error: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        if self.on_made is not None:
+            self.on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.size >= self.limit:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return bool(self.transport.can_write_eof())  # TCP stays open to write; TLS closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.error = exc
+
+    def pending(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+class DBTunnel:
+    """`ward proxy db --tunnel`: a local listener; every connection it accepts gets its own TLS
+    connection to the proxy, carrying this database's certificate, and is relayed both ways.
+
+    Nothing the local client sends reaches the proxy before the TLS handshake is done and the
+    proxy agreed to the database's ALPN. The login is re-read for every connection, so a
+    `ward db login NAME` in another terminal renews a running tunnel, and an expired
+    certificate is refused here with the fix instead of being sent. Per-connection problems go
+    to `on_error` (one line each); the listener keeps going.
+    """
+
+    def __init__(
+        self,
+        profile: Profile,
+        name: str,
+        *,
+        store: DBStore | None = None,
+        on_error: ErrorSink | None = None,
+        dial_timeout: float = 30.0,
+        buffer_size: int = BUFFER_SIZE,
+    ) -> None:
+        self.profile = profile
+        self.name = check_db_name(name)
+        self.store = store or DBStore(profile)
+        self.on_error = on_error or (lambda msg: log.warning("%s", msg))
+        self.dial_timeout = dial_timeout
+        self.buffer_size = buffer_size
+        self.connections = 0
+        """Connections accepted so far."""
+        self.failures = 0
+        """Connections that ended with a problem reported to `on_error`."""
+        self._server: asyncio.AbstractServer | None = None
+        self._waiting: set[_Held] = set()
+        self._relays: set[Relay] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._proxy_host, self._proxy_port = split_host_port(profile.proxy)
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("the tunnel is not listening")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def active(self) -> int:
+        """Connections being dialled or relayed right now."""
+        return len(self._tasks)
+
+    async def start(self, host: str = LOCAL_HOST, port: int = 0) -> int:
+        """Listen on host:port (0: any free port); returns the port."""
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                lambda: _Held(self.buffer_size, self._accepted), host, port
+            )
+        except OSError as exc:
+            raise BadParameterError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        return self.port
+
+    async def close(self) -> None:
+        """Stop listening and cut every open connection."""
+        if self._server is not None:
+            self._server.close()
+        for held in list(self._waiting):
+            held.transport.abort()
+        for r in list(self._relays):
+            r.abort()
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+
+    async def __aenter__(self) -> DBTunnel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _accepted(self, local: _Held) -> None:
+        self.connections += 1
+        self._waiting.add(local)
+        task = asyncio.get_running_loop().create_task(self._serve(local))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _report(self, message: str) -> None:
+        self.failures += 1
+        with contextlib.suppress(Exception):
+            self.on_error(message)
+
+    async def _serve(self, local: _Held) -> None:
+        try:
+            await self._relay(local)
+        except WardgateError as exc:
+            self._report(str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never let one connection take the listener down
+            log.debug("database tunnel connection failed", exc_info=True)
+            self._report(f'connection to database "{self.name}" failed: {exc!r}')
+        finally:
+            self._waiting.discard(local)
+            if not local.lost and local.transport is not None and local.transport.get_protocol() is local:
+                local.transport.close()  # never taken over by a relay: don't leave the client hanging
+
+    async def _dial(self, login: DBLogin) -> _Held:
+        loop = asyncio.get_running_loop()
+        remote = _Held(self.buffer_size)
+        ctx = login.ssl_context()
+        try:
+            async with asyncio.timeout(self.dial_timeout):
+                await loop.create_connection(
+                    lambda: remote,
+                    self._proxy_host,
+                    self._proxy_port,
+                    ssl=ctx,
+                    server_hostname=_server_hostname(self._proxy_host),
+                )
+        except ssl.SSLError as exc:
+            raise _tls_failure(self.profile, login, exc) from None
+        except (OSError, TimeoutError) as exc:
+            raise _unreachable(self.profile, exc) from None
+        return remote
+
+    async def _relay(self, local: _Held) -> None:
+        login = self.store.load(self.name).require_valid()
+        try:
+            remote = await self._dial(login)
+        except WardgateError:
+            if local.lost or (local.eof and not local.size):
+                return  # the client left before the proxy answered: nothing to report
+            raise
+        try:
+            if local.lost:
+                return
+            ssl_object = remote.transport.get_extra_info("ssl_object")
+            _check_alpn(self.profile, login, ssl_object.selected_alpn_protocol() if ssl_object else None)
+            if remote.lost and isinstance(remote.error, ssl.SSLError):
+                raise _tls_failure(self.profile, login, remote.error)
+        except BaseException:
+            remote.transport.abort()
+            raise
+        r = Relay(buffer_size=self.buffer_size)
+        self._relays.add(r)
+        self._waiting.discard(local)
+        try:
+            r.attach_a(local.transport, pending=local.pending(), eof=local.eof)
+            r.attach_b(remote.transport, pending=remote.pending(), eof=remote.eof)
+            stats = await r.run()
+        finally:
+            self._relays.discard(r)
+        self._check_end(login, stats)
+
+    def _check_end(self, login: DBLogin, stats: RelayStats) -> None:
+        if isinstance(stats.error, ssl.SSLError):
+            raise _tls_failure(self.profile, login, stats.error)
+        if stats.a_to_b and not stats.b_to_a and stats.reason in ("done", "error"):
+            raise ConnectionFailed(
+                f'the proxy closed the connection to database "{login.name}" without an answer: '
+                f"your certificate was refused (run `ward db login {login.name}` again) or no "
+                "database service serves it right now"
+            )
+
+
+async def serve_tunnel(
+    tunnel: DBTunnel,
+    *,
+    port: int = 0,
+    on_ready: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run the tunnel until SIGINT/SIGTERM (or `stop` is set), then close it cleanly."""
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    await tunnel.start(port=port)
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    try:
+        if on_ready is not None:
+            on_ready(tunnel.port)
+        await stop.wait()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await tunnel.close()
+
+
+# ---------------------------------------------------------------- native clients
+
+
+@dataclass(frozen=True)
+class ClientProgram:
+    path: str
+    flavor: str
+    """`psql`, `mariadb` (MariaDB's client, also when installed as `mysql`) or `mysql` (Oracle's)."""
+
+
+def _mysql_flavor(path: str) -> str:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "mysql"
+    return "mariadb" if "mariadb" in out.lower() else "mysql"
+
+
+def find_client(
+    protocol: str,
+    *,
+    which: Callable[[str], str | None] = shutil.which,
+    flavor_of: Callable[[str], str] = _mysql_flavor,
+) -> ClientProgram:
+    """psql for postgres; for mysql `mariadb`, else `mysql` (MariaDB's or Oracle's, by --version)."""
+    if protocol == "postgres":
+        if path := which("psql"):
+            return ClientProgram(path, "psql")
+        raise BadParameterError(
+            "psql is not installed: install the PostgreSQL client (e.g. `apt install postgresql-client`), "
+            "or run `ward proxy db NAME --tunnel` and use a client of your choice"
+        )
+    if protocol == "mysql":
+        if path := which("mariadb"):
+            return ClientProgram(path, "mariadb")
+        if path := which("mysql"):
+            return ClientProgram(path, flavor_of(path))
+        raise BadParameterError(
+            "neither mariadb nor mysql is installed: install one (e.g. `apt install mariadb-client`), "
+            "or run `ward proxy db NAME --tunnel` and use a client of your choice"
+        )
+    raise BadParameterError(f"ward has no client for databases speaking {protocol!r}")
+
+
+def _conninfo_value(v: str) -> str:
+    if v and re.fullmatch(r"[^\s'\\]+", v):
+        return v
+    return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def psql_conninfo(port: int, db_user: str, db_name: str = "", host: str = LOCAL_HOST) -> str:
+    """A libpq connection string for the local tunnel (no TLS: the tunnel does it)."""
+    parts = [f"host={host}", f"port={int(port)}", f"user={_conninfo_value(db_user)}"]
+    if db_name:
+        parts.append(f"dbname={_conninfo_value(db_name)}")
+    parts.append("sslmode=disable")
+    return " ".join(parts)
+
+
+def psql_argv(
+    program: str, port: int, db_user: str, db_name: str = "", extra: Sequence[str] = ()
+) -> list[str]:
+    """`psql "host=127.0.0.1 port=N user=U dbname=D sslmode=disable" -w [extra…]`."""
+    return [program, psql_conninfo(port, db_user, db_name), "-w", *extra]
+
+
+def mysql_ssl_flag(flavor: str) -> str:
+    """MariaDB's client spells "no TLS" `--skip-ssl`; Oracle's, `--ssl-mode=DISABLED`."""
+    return "--ssl-mode=DISABLED" if flavor == "mysql" else "--skip-ssl"
+
+
+def mysql_argv(
+    program: str,
+    flavor: str,
+    port: int,
+    db_user: str,
+    db_name: str = "",
+    extra: Sequence[str] = (),
+    host: str = LOCAL_HOST,
+) -> list[str]:
+    """`mysql -h 127.0.0.1 -P N --protocol=TCP -u U --skip-ssl [extra…] [D]` (no password prompt)."""
+    argv = [program, "-h", host, "-P", str(int(port)), "--protocol=TCP", "-u", db_user]
+    argv += [mysql_ssl_flag(flavor), *extra]
+    if db_name:
+        argv.append(db_name)
+    return argv
+
+
+def client_argv(
+    client: ClientProgram, port: int, db_user: str, db_name: str = "", extra: Sequence[str] = ()
+) -> list[str]:
+    if client.flavor == "psql":
+        return psql_argv(client.path, port, db_user, db_name, extra)
+    return mysql_argv(client.path, client.flavor, port, db_user, db_name, extra)
+
+
+def client_env(protocol: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The client's environment: never a password prompt, never a password of ours sent."""
+    env = dict(os.environ if base is None else base)
+    if protocol == "postgres":
+        env["PGPASSWORD"] = ""
+        env.pop("PGSSLMODE", None)
+    else:
+        env.pop("MYSQL_PWD", None)
+    return env
+
+
+def connect_command(login: DBLogin, port: int, *, flavor: str = "") -> str:
+    """The ready-to-paste line `ward proxy db` prints."""
+    if login.protocol == "postgres":
+        info = psql_conninfo(port, login.db_user, login.db_name)
+        quoted = f'"{info}"' if re.fullmatch(r"[\w.=@+:/ -]*", info) else shlex.quote(info)
+        return f"psql {quoted}"
+    argv = ["mysql", "-h", LOCAL_HOST, "-P", str(port), "-u", login.db_user]
+    if login.db_name:
+        argv.append(login.db_name)
+    argv.append(mysql_ssl_flag(flavor or "mariadb"))
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def env_lines(login: DBLogin, port: int | None = None) -> list[str]:
+    """`ward db env`: shell exports for this database's login (and the tunnel's port, if known)."""
+    q = shlex.quote
+    out = [
+        f"export WARD_DB={q(login.name)}",
+        f"export WARD_DB_PROTOCOL={q(login.protocol)}",
+        f"export WARD_DB_USER={q(login.db_user)}",
+        f"export WARD_DB_NAME={q(login.db_name)}",
+        f"export WARD_DB_CERT={q(str(login.cert_path))}",
+        f"export WARD_DB_KEY={q(str(login.key_path))}",
+        f"export WARD_DB_CA={q(str(login.ca_path))}",
+    ]
+    if login.protocol == "postgres":
+        out.append(f"export PGUSER={q(login.db_user)}")
+        if login.db_name:
+            out.append(f"export PGDATABASE={q(login.db_name)}")
+        if port:
+            out += [f"export PGHOST={LOCAL_HOST}", f"export PGPORT={int(port)}", "export PGSSLMODE=disable"]
+    elif port:
+        out += [f"export MYSQL_HOST={LOCAL_HOST}", f"export MYSQL_TCP_PORT={int(port)}"]
+    if not port:
+        out.append(
+            f"# The tunnel's port is not known here: run `ward proxy db {login.name} --tunnel` and add "
+            f"`--port=N` to this command (or pass `--port=N` to both)."
+        )
+    return out
+
+
+async def run_client(tunnel: DBTunnel, argv_for: Callable[[int], list[str]], env: Mapping[str, str]) -> int:
+    """`ward db connect`: the tunnel on a free port, the client in the foreground (it gets the
+    terminal and Ctrl-C; we ignore SIGINT meanwhile and pass SIGTERM/SIGHUP on); returns its
+    exit code (128+N if a signal ended it)."""
+    loop = asyncio.get_running_loop()
+    port = await tunnel.start()
+    installed: list[int] = []
+    try:
+        argv = argv_for(port)
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, env=dict(env))
+        except OSError as exc:
+            raise BadParameterError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+
+        def forward(sig: int) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                if sig == signal.SIGINT:
+                    loop.add_signal_handler(sig, lambda: None)  # the terminal sent it to the client too
+                else:
+                    loop.add_signal_handler(sig, forward, sig)
+                installed.append(sig)
+        rc = await proc.wait()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await tunnel.close()
+    return rc if rc >= 0 else 128 - rc
