@@ -214,3 +214,14 @@ async def test_editor_manages_users_and_roles(cluster: WebCluster, tmp_path: Pat
         assert status == 201 and data["spec"]["target"]["user"] == "frank"
         status, data = await web.call("GET", "/webapi/events?type=lock.create&limit=5")
         assert status == 200 and data["items"][0]["event"] == "lock.create"
+
+
+async def test_jwks_publishes_the_clusters_jwt_key(cluster: WebCluster) -> None:
+    from wardgate.auth import jwt
+
+    async with WebClient(cluster) as web, web.http.get(web.base + "/.well-known/jwks.json") as resp:
+        assert resp.status == 200
+        data = await resp.json()
+    (key,) = data["keys"]
+    assert key["kty"] == "EC" and key["crv"] == "P-256" and key["alg"] == "ES256"
+    assert len(jwt.b64url_decode(key["x"])) == 32 and key["kid"]

@@ -22,6 +22,7 @@ from wardgate.api.cache import ResourceCache
 from wardgate.api.client import AuthClient
 from wardgate.api.emitter import RemoteEmitter
 from wardgate.api.identityfile import IdentityFile
+from wardgate.api.resources import CertAuthority
 from wardgate.proxy.agentless import AgentlessRecorder
 from wardgate.proxy.db import ALPN_PROTOCOLS, DBProxy
 from wardgate.proxy.router import TLSRouter, server_context
@@ -82,6 +83,13 @@ class ProxyService:
         self._cache_task: asyncio.Task[None] | None = None
         self.address: tuple[str, int] | None = None
 
+    def _jwt_public_keys(self) -> list[str]:
+        ca = self.cache.get("cert_authority", "jwt")
+        if not isinstance(ca, CertAuthority):
+            return []
+        keys = (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
+        return [k.jwt_public_key_pem for k in keys if k.jwt_public_key_pem]
+
     def _host_cas(self) -> list[x509.Certificate]:
         return self.cache.ca_certs("host")
 
@@ -123,6 +131,7 @@ class ProxyService:
             second_factor=ping["second_factor"],
             passwordless=bool(ping.get("passwordless")),
             webauthn_rp_id=str(ping.get("webauthn_rp_id") or ""),
+            jwt_public_keys=self._jwt_public_keys,
         )
         WebAPI(
             sessions=self.web_sessions,

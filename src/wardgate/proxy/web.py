@@ -18,6 +18,7 @@ from aiohttp import web
 from wardgate import __version__
 from wardgate.api.client import AuthClient
 from wardgate.api.codec import ParseError
+from wardgate.auth import jwt
 from wardgate.errors import BadParameterError, WardgateError
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class ProxyWeb:
         second_factor: str,
         passwordless: bool = False,
         webauthn_rp_id: str = "",
+        jwt_public_keys: Callable[[], list[str]] = list,
     ) -> None:
         self.auth = auth
         self.cluster_name = cluster_name
@@ -71,9 +73,11 @@ class ProxyWeb:
         self.second_factor = second_factor
         self.passwordless = passwordless
         self.webauthn_rp_id = webauthn_rp_id
+        self.jwt_public_keys = jwt_public_keys
         self.app = web.Application(middlewares=[self._errors], client_max_size=1 << 20)
         r = self.app.router
         r.add_get("/webapi/ping", self.ping)
+        r.add_get("/.well-known/jwks.json", self.jwks)
         r.add_post("/webapi/sessions", self.create_cert_session)
         r.add_get("/", self.root)
         r.add_static("/web/static", WEB_ROOT / "static", follow_symlinks=False)
@@ -104,7 +108,7 @@ class ProxyWeb:
             resp = error_json("internal", "internal error: see the proxy log", 500)
         if not resp.prepared:  # a WebSocket or streamed answer has sent its headers already
             resp.headers.update(SECURITY_HEADERS)
-            if request.path.startswith(("/web/static/", "/web/vendor/")):
+            if request.path.startswith(("/web/static/", "/web/vendor/", "/.well-known/")):
                 resp.headers.setdefault("Cache-Control", "no-cache")
             else:
                 resp.headers["Cache-Control"] = "no-store"
@@ -115,6 +119,12 @@ class ProxyWeb:
 
     async def page(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(WEB_ROOT / "index.html", headers={"Content-Type": "text/html; charset=utf-8"})
+
+    async def jwks(self, request: web.Request) -> web.Response:
+        """The keys apps verify `Wardgate-Jwt-Assertion` headers with (public, cacheable)."""
+        resp = web.json_response(jwt.jwks(self.jwt_public_keys()))
+        resp.headers["Cache-Control"] = "public, max-age=300"
+        return resp
 
     async def ping(self, request: web.Request) -> web.Response:
         return web.json_response(
