@@ -121,9 +121,11 @@ PASSWORD = "correct horse battery staple"
 
 
 class SSHCluster(Process):
-    def __init__(self, root: Path, *, authentication: str = "", public_host: str = "") -> None:
+    def __init__(
+        self, root: Path, *, authentication: str = "", public_host: str = "", extra: str = ""
+    ) -> None:
         """`authentication`: YAML lines (indented) for that section; `public_host`: the proxy's
-        public address is that host with the proxy's port."""
+        public address is that host with the proxy's port; `extra`: more top-level sections."""
         self.data_dir = root / "data"
         self.auth_port, self.proxy_port, self.ssh_port = free_port(), free_port(), free_port()
         self.proxy = f"127.0.0.1:{self.proxy_port}"
@@ -145,7 +147,7 @@ auth_service:
 {proxy_extra}ssh_service:
   listen_addr: 127.0.0.1:{self.ssh_port}
   labels: {{env: dev}}
-""",
+{extra}""",
             wait_for=self.data_dir / "admin.identity",
             wait_ports=(self.auth_port, self.proxy_port, self.ssh_port),
         )

@@ -63,8 +63,10 @@ def _wait(cond, what: str, log: Path, timeout: float = 30) -> None:  # type: ign
 class Postgres:
     """cert users log in with a db-CA client certificate (CN = user); `pwuser` with a password."""
 
-    def __init__(self, tls_dir: Path, *, cert_users: Sequence[str] = ("reader", "writer")) -> None:
-        self.port = free_port()
+    def __init__(
+        self, tls_dir: Path, *, cert_users: Sequence[str] = ("reader", "writer"), port: int = 0
+    ) -> None:
+        self.port = port or free_port()
         self.root = Path(tempfile.mkdtemp(prefix="wardgate-pg-"))
         os.chmod(self.root, 0o755)  # noqa: S103 - the postgres user must reach its files
         self.data = self.root / "data"
@@ -132,8 +134,10 @@ class Postgres:
 class MariaDB:
     """cert users present a db-CA certificate whose subject is /CN=<user>; `pwuser` has a password."""
 
-    def __init__(self, tls_dir: Path, *, cert_users: Sequence[str] = ("reader", "writer")) -> None:
-        self.port = free_port()
+    def __init__(
+        self, tls_dir: Path, *, cert_users: Sequence[str] = ("reader", "writer"), port: int = 0
+    ) -> None:
+        self.port = port or free_port()
         self.root = Path(tempfile.mkdtemp(prefix="wardgate-maria-"))
         self.data = self.root / "data"
         self.sock = self.root / "mysqld.sock"

@@ -49,6 +49,11 @@ EVENT_CODES: dict[str, tuple[str, str]] = {
     "sftp": ("W2006I", "W2006E"),
     "port": ("W2007I", "W2007W"),
     "session.upload": ("W2008I", "W2008E"),
+    "db.session.start": ("W3000I", "W3000W"),
+    "db.session.query": ("W3001I", "W3001E"),
+    "db.session.end": ("W3002I", "W3002W"),
+    "db.session.command": ("W3003I", "W3003W"),
+    "db.session.error": ("W3004E", "W3004E"),
 }
 
 
