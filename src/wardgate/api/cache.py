@@ -19,6 +19,7 @@ from cryptography import x509
 
 from wardgate.api.events import ResourceEvent, ResourceEventType
 from wardgate.api.resources import CertAuthority, Resource
+from wardgate.errors import AuthenticationError
 from wardgate.keys import load_x509_pem_list
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,13 @@ class ResourceCache:
 
     # ---- reads (synchronous: no awaiting on the hot path)
 
-    def ca_certs(self, ca_type: str) -> list[x509.Certificate]:
-        """The X.509 certificates a CA's keys (active and additionally trusted) verify with."""
+    def ca_certs(self, ca_type: str, *, required: bool = False) -> list[x509.Certificate]:
+        """The X.509 certificates a CA's keys (active and additionally trusted) verify with;
+        `required` raises instead of answering none (so nothing is trusted by accident)."""
         ca = self.get("cert_authority", ca_type)
         if not isinstance(ca, CertAuthority):
+            if required:
+                raise AuthenticationError(f"the {ca_type} CA is not loaded yet: retry in a moment")
             return []
         keys = (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
         return load_x509_pem_list("".join(k.tls_cert_pem for k in keys))

@@ -55,12 +55,6 @@ class DBProxy:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
 
-    def _user_cas(self) -> list[x509.Certificate]:
-        cas = self.cache.ca_certs("user")
-        if not cas:
-            raise AuthenticationError("the proxy has not loaded the user CA yet: retry in a moment")
-        return cas
-
     def services_for(self, db: Database) -> list[str]:
         """Host ids of live database services serving `db`, local ones first."""
         now = self._now()
@@ -79,7 +73,7 @@ class DBProxy:
             if not conn.peer_cert:
                 raise AuthenticationError("no client certificate: run `ward db login NAME` first")
             cert = x509.load_der_x509_certificate(conn.peer_cert)
-            ident = verify_tls_identity(cert, self._user_cas(), now=self._now())
+            ident = verify_tls_identity(cert, self.cache.ca_certs("user", required=True), now=self._now())
             route = ident.route_to_db
             if ident.system_role or route is None or not route.service_name:
                 raise AuthenticationError("this certificate is not for a database: run `ward db login NAME`")

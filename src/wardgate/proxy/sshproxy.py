@@ -100,16 +100,11 @@ class SSHProxy:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
 
-    def _user_cas(self) -> list[x509.Certificate]:
-        cas = self.cache.ca_certs("user")
-        if not cas:
-            raise AuthenticationError("the proxy has not loaded the user CA yet: retry in a moment")
-        return cas
-
     def identify(self, der: bytes | None) -> Identity:
         if not der:
             raise AuthenticationError("no client certificate: run `ward login` first")
-        ident = verify_tls_identity(x509.load_der_x509_certificate(der), self._user_cas(), now=self._now())
+        cert = x509.load_der_x509_certificate(der)
+        ident = verify_tls_identity(cert, self.cache.ca_certs("user", required=True), now=self._now())
         if ident.system_role:
             raise AuthenticationError("a service certificate cannot open SSH sessions")
         return ident
