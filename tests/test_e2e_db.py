@@ -1,0 +1,269 @@
+"""Database access end to end: real PostgreSQL and MariaDB behind a real `wardgate start`.
+
+The databases trust the cluster's db CA (client-certificate logins, `cert` in pg_hba.conf and
+`REQUIRE SUBJECT` in MariaDB) and one user logs in with a password read from the environment.
+Clients are the real ones: `psql` and `mariadb` through `ward db connect`, and Python drivers
+(asyncpg with prepared statements, PyMySQL) through `ward proxy db --tunnel`. A second process
+serves a database only through its reverse tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import (
+    BIN,
+    Process,
+    SSHCluster,
+    audit,
+    free_port,
+    login,
+    wait_port,
+    ward,
+    ward_env,
+    wardctl,
+)
+from tests.dbservers import DB_PASSWORD, MariaDB, Postgres, db_server_files, have_mariadb, have_postgres
+
+pytestmark = pytest.mark.skipif(
+    not (have_postgres() and have_mariadb()), reason="needs PostgreSQL and MariaDB"
+)
+os.environ["WG_TEST_DB_PASSWORD"] = DB_PASSWORD  # the database service reads pwuser's password here
+
+ROLE = """kind: role
+version: v1
+metadata: {name: db-dev}
+spec:
+  allow:
+    db_labels: {env: dev}
+    db_users: [reader, pwuser]
+    db_names: [app]
+"""
+
+
+class DBCluster:
+    def __init__(self, root: Path) -> None:
+        self.pg_port, self.my_port = free_port(), free_port()
+        dbs = f"""db_service:
+  enabled: true
+  databases:
+    - name: pg-main
+      protocol: postgres
+      uri: 127.0.0.1:{self.pg_port}
+      labels: {{env: dev}}
+      tls: {{mode: verify-full, server_name: localhost}}
+      auth: {{passwords: {{pwuser: {{env: WG_TEST_DB_PASSWORD}}}}}}
+    - name: maria
+      protocol: mysql
+      uri: 127.0.0.1:{self.my_port}
+      labels: {{env: dev}}
+      tls: {{mode: verify-ca}}
+      auth: {{passwords: {{pwuser: {{env: WG_TEST_DB_PASSWORD}}}}}}
+"""
+        self.cluster = SSHCluster(root / "cluster", extra=dbs)
+        tls = db_server_files(self.cluster.data_dir, root / "tls")
+        self.pg = Postgres(tls, port=self.pg_port)
+        self.maria = MariaDB(tls, port=self.my_port)
+
+    def stop(self) -> None:
+        self.cluster.stop()
+        self.pg.stop()
+        self.maria.stop()
+
+
+@pytest.fixture(scope="module")
+def dbc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DBCluster]:
+    c = DBCluster(tmp_path_factory.mktemp("db"))
+    wardctl(c.cluster.data_dir, "create", "-f", "-", stdin=ROLE)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def dana(dbc: DBCluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("dana-ward")
+    login(dbc.cluster, home, "dana", dbc.cluster.add_user("dana", "db-dev", "root"))
+    return home
+
+
+def run_ward(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return ward(home, *args, timeout=timeout)
+
+
+def queries(dbc: DBCluster, user: str) -> list[dict]:
+    """db.session.query events of a user, oldest first (the emitter ships them in batches)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [e for e in audit(dbc.cluster.data_dir, "--type", "db.session.query") if e["user"] == user]
+        if found or time.monotonic() > deadline:
+            return list(reversed(found))
+        time.sleep(0.3)
+
+
+def test_ward_db_ls_shows_the_databases(dbc: DBCluster, dana: Path) -> None:
+    out = run_ward(dana, "db", "ls")
+    assert out.returncode == 0, out.stderr
+    assert "pg-main" in out.stdout and "maria" in out.stdout and "postgres" in out.stdout
+
+
+def test_psql_through_ward_db_connect(dbc: DBCluster, dana: Path) -> None:
+    out = run_ward(dana, "db", "login", "pg-main", "--db-user=reader", "--db-name=app")
+    assert out.returncode == 0, out.stderr
+    out = run_ward(dana, "db", "connect", "pg-main", "--", "-At", "-c", "select name from items order by id")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["apple", "pear"]
+    q = [e for e in queries(dbc, "dana") if e.get("db_service") == "pg-main"]
+    assert any("select name from items order by id" in e.get("query", "") for e in q)
+    starts = [e for e in audit(dbc.cluster.data_dir, "--type", "db.session.start") if e["user"] == "dana"]
+    assert starts and starts[0]["success"] and starts[0]["db_user"] == "reader"
+
+
+def test_mariadb_client_through_ward_db_connect(dbc: DBCluster, dana: Path) -> None:
+    out = run_ward(dana, "db", "login", "maria", "--db-user=reader", "--db-name=app")
+    assert out.returncode == 0, out.stderr
+    sql = "select name from items order by id"
+    out = run_ward(dana, "db", "connect", "maria", "--", "-N", "-B", "-e", sql)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["apple", "pear"]
+    q = [e for e in queries(dbc, "dana") if e.get("db_service") == "maria"]
+    assert any("select name from items order by id" in e.get("query", "") for e in q)
+
+
+def test_denied_db_user_and_db_name_are_refused_clearly(dbc: DBCluster, dana: Path) -> None:
+    out = run_ward(dana, "db", "login", "pg-main", "--db-user=writer", "--db-name=app")
+    assert out.returncode != 0
+    assert 'db user "writer"' in out.stderr
+    out = run_ward(dana, "db", "login", "pg-main", "--db-user=reader", "--db-name=secret")
+    assert out.returncode != 0 and 'db name "secret"' in out.stderr
+    # With a certificate for app, asking psql for another database is refused by the service.
+    assert run_ward(dana, "db", "login", "pg-main", "--db-user=reader", "--db-name=app").returncode == 0
+    out = run_ward(dana, "db", "connect", "pg-main", "--db-name=secret", "--", "-c", "select 1")
+    assert out.returncode != 0
+
+
+class LocalProxy:
+    """`ward proxy db NAME --tunnel --port N` in the background."""
+
+    def __init__(self, home: Path, name: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [str(BIN / "ward"), "proxy", "db", name, "--tunnel", f"--port={self.port}"],
+            env=ward_env(home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert wait_port(self.port, time.monotonic() + 20), "ward proxy db did not listen"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def test_python_drivers_with_prepared_statements_through_the_local_proxy(dbc: DBCluster, dana: Path) -> None:
+    import asyncpg
+    import pymysql
+
+    assert run_ward(dana, "db", "login", "pg-main", "--db-user=reader", "--db-name=app").returncode == 0
+    assert run_ward(dana, "db", "login", "maria", "--db-user=reader", "--db-name=app").returncode == 0
+    pg, my = LocalProxy(dana, "pg-main"), LocalProxy(dana, "maria")
+    try:
+
+        async def with_asyncpg() -> list[str]:
+            conn = await asyncpg.connect(
+                host="127.0.0.1", port=pg.port, user="reader", database="app", ssl=False
+            )
+            try:
+                stmt = await conn.prepare("select name from items where id = $1")
+                return [await stmt.fetchval(1), await stmt.fetchval(2)]
+            finally:
+                await conn.close()
+
+        assert asyncio.run(with_asyncpg()) == ["apple", "pear"]
+        conn = pymysql.connect(
+            host="127.0.0.1", port=my.port, user="reader", database="app", ssl_disabled=True
+        )
+        with conn.cursor() as cur:
+            cur.execute("select name from items where id = %s", (2,))
+            assert cur.fetchone() == ("pear",)
+        conn.close()
+    finally:
+        pg.stop()
+        my.stop()
+    texts = [e.get("query", "") for e in queries(dbc, "dana")]
+    assert any("select name from items where id = $1" in t for t in texts)
+    params = [e.get("parameters") for e in queries(dbc, "dana") if "$1" in e.get("query", "")]
+    assert ["1"] in params or [1] in params or any(p and "1" in map(str, p) for p in params)
+    assert any("where id = 2" in t for t in texts)
+
+
+def test_password_user_for_databases_that_cannot_trust_the_ca(dbc: DBCluster, dana: Path) -> None:
+    assert run_ward(dana, "db", "login", "pg-main", "--db-user=pwuser", "--db-name=app").returncode == 0
+    out = run_ward(dana, "db", "connect", "pg-main", "--", "-At", "-c", "select current_user")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "pwuser"
+
+
+def test_locked_user_is_refused_with_the_lock_message(dbc: DBCluster, tmp_path: Path) -> None:
+    home = tmp_path / "lee"
+    login(dbc.cluster, home, "lee", dbc.cluster.add_user("lee", "db-dev", "root"))
+    assert run_ward(home, "db", "login", "pg-main", "--db-user=reader", "--db-name=app").returncode == 0
+    wardctl(dbc.cluster.data_dir, "lock", "--user=lee", "--ttl=1h", "--message=db-incident-9")
+    out = run_ward(home, "db", "connect", "pg-main", "--", "-c", "select 1")
+    assert out.returncode != 0
+    assert "db-incident-9" in out.stdout + out.stderr
+    refused = [
+        e
+        for e in audit(dbc.cluster.data_dir, "--type", "db.session.start")
+        if e["user"] == "lee" and not e["success"]
+    ]
+    assert refused and "db-incident-9" in refused[0]["error"]
+
+
+def test_database_behind_a_reverse_tunnel(dbc: DBCluster, tmp_path: Path, dana: Path) -> None:
+    out = wardctl(dbc.cluster.data_dir, "tokens", "add", "--type=db", "--ttl=10m", "--format=json")
+    secret = json.loads(out.stdout)["token"]
+    agent_dir = tmp_path / "db-agent"
+    agent = Process(
+        agent_dir,
+        f"""version: v1
+wardgate:
+  nodename: db-agent
+  data_dir: {agent_dir / "data"}
+  proxy_server: {dbc.cluster.proxy}
+  auth_token: {secret}
+  ca_pin: {dbc.cluster.pin}
+auth_service: {{enabled: false}}
+proxy_service: {{enabled: false}}
+ssh_service: {{enabled: false}}
+db_service:
+  enabled: true
+  databases:
+    - name: pg-tunnelled
+      protocol: postgres
+      uri: 127.0.0.1:{dbc.pg_port}
+      labels: {{env: dev}}
+      tls: {{mode: verify-full, server_name: localhost}}
+""",
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while "pg-tunnelled" not in run_ward(dana, "db", "ls").stdout:
+            assert time.monotonic() < deadline, agent.output()
+            time.sleep(0.5)
+        out = run_ward(dana, "db", "login", "pg-tunnelled", "--db-user=reader", "--db-name=app")
+        assert out.returncode == 0, out.stderr
+        sql = "select count(*) from items"
+        out = run_ward(dana, "db", "connect", "pg-tunnelled", "--", "-At", "-c", sql)
+        assert out.returncode == 0, out.stderr + agent.output()
+        assert out.stdout.strip() == "2"
+    finally:
+        agent.stop()
