@@ -346,3 +346,16 @@ async def test_two_logs_on_one_file_see_each_other(tmp_path: Path):
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_shipped_batch_is_stored_whole_and_retries_do_not_duplicate(log: SQLiteAuditLog):
+    from wardgate.audit.events import make_event
+
+    batch = [make_event("db.session.query", user="dana", sid="s1", query=f"select {i}") for i in range(1500)]
+    await log.write_many(batch)
+    await log.write_many(batch[:10])  # a sender retrying after a lost reply
+    found, cursor = await log.search(types=["db.session.query"], limit=1000)
+    more, _ = await log.search(types=["db.session.query"], limit=1000, cursor=cursor)
+    found += more
+    assert len(found) == 1500
+    assert {e["query"] for e in found} == {f"select {i}" for i in range(1500)}

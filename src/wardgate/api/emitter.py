@@ -16,7 +16,7 @@ from wardgate.audit.events import make_event
 
 log = logging.getLogger(__name__)
 MAX_QUEUED = 50_000
-BATCH = 200
+BATCH = 500
 
 
 class RemoteEmitter:

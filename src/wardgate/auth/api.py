@@ -729,8 +729,10 @@ class AuthAPI:
 
     async def emit_events(self, request: web.Request) -> web.Response:
         d = await self._body(request)
-        for ev in d.get("events") or []:
-            await self.auth.emit_event(request[IDENTITY], ev)
+        events = d.get("events") or []
+        if not isinstance(events, list):
+            raise BadParameterError("events must be a list")
+        await self.auth.emit_events(request[IDENTITY], events)
         return web.json_response({})
 
     async def search_events(self, request: web.Request) -> web.Response:

@@ -1072,9 +1072,11 @@ class AuthServer:
             )
         return self.checker_for(ident).check_node(node, login, node_name=node_name)  # type: ignore[arg-type]
 
-    async def emit_event(self, caller: Identity, event: dict[str, Any]) -> None:
+    async def emit_events(self, caller: Identity, events: Sequence[dict[str, Any]]) -> None:
         self.authorize(caller, "event", "create")
-        await self.audit.write(event)
+        if not all(isinstance(ev, dict) for ev in events):
+            raise BadParameterError("events must be a list of JSON objects")
+        await self.audit.write_many(events)
 
     async def search_events(self, caller: Identity, **query: Any) -> tuple[list[dict], str | None]:
         self.authorize(caller, "event", "list")

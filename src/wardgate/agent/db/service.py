@@ -160,6 +160,7 @@ class DatabaseService:
         self._client_key = generate_tls_key()
         self._client_certs: dict[str, _ClientCert] = {}
         self._cert_locks: dict[str, asyncio.Lock] = {}
+        self._tls_contexts: dict[tuple[str, str, str, str], ssl.SSLContext] = {}
         self.sessions: set[asyncio.Task[Any]] = set()
 
     def now(self) -> datetime:
@@ -219,11 +220,21 @@ class DatabaseService:
             return material
 
     async def upstream_tls(self, db: Database, db_user: str, *, with_cert: bool) -> ssl.SSLContext | None:
+        """The context toward the database, cached per database, user and client certificate
+        (building one means loading CAs and a key pair: too slow for every connection)."""
         tls = db.spec.tls
         if tls.mode == "off":
             return None
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         cert_pem, key_pem, db_ca = await self.client_cert(db_user) if with_cert else ("", "", "")
+        key = (db.name, tls.model_dump_json(), cert_pem, db_ca)
+        cached = self._tls_contexts.get(key)
+        if cached is not None:
+            return cached
+        if len(self._tls_contexts) > 256:
+            self._tls_contexts.clear()
+        # Only the database's CA: never the system bundle.
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if tls.mode == "insecure":
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
@@ -235,6 +246,7 @@ class DatabaseService:
                 ctx.load_verify_locations(cadata=db_ca or self._db_ca_pem())
         if with_cert:
             load_key_pair(ctx, cert_pem, key_pem)
+        self._tls_contexts[key] = ctx
         return ctx
 
     def _db_ca_pem(self) -> str:
