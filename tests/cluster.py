@@ -196,10 +196,11 @@ def ward(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedPro
     )
 
 
-def login(cluster: SSHCluster, home: Path, user: str, secret: str) -> None:
+def login(cluster: SSHCluster, home: Path, user: str, secret: str, *, ttl: str = "") -> None:
     child = pexpect.spawn(
         str(BIN / "ward"),
-        ["login", f"--proxy={cluster.proxy}", f"--user={user}", f"--ca-pin={cluster.pin}"],
+        ["login", f"--proxy={cluster.proxy}", f"--user={user}", f"--ca-pin={cluster.pin}"]
+        + ([f"--ttl={ttl}"] if ttl else []),
         env=ward_env(home),
         encoding="utf-8",
         timeout=30,

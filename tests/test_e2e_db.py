@@ -228,6 +228,16 @@ def test_locked_user_is_refused_with_the_lock_message(dbc: DBCluster, tmp_path: 
     assert refused and "db-incident-9" in refused[0]["error"]
 
 
+def test_expired_certificate_is_refused_with_what_to_do(dbc: DBCluster, tmp_path: Path) -> None:
+    home = tmp_path / "eve"
+    login(dbc.cluster, home, "eve", dbc.cluster.add_user("eve", "db-dev", "root"), ttl="4s")
+    assert run_ward(home, "db", "login", "pg-main", "--db-user=reader", "--db-name=app").returncode == 0
+    time.sleep(5)
+    out = run_ward(home, "db", "connect", "pg-main", "--", "-c", "select 1")
+    assert out.returncode != 0
+    assert "expired" in out.stderr and "ward login" in out.stderr
+
+
 def test_database_behind_a_reverse_tunnel(dbc: DBCluster, tmp_path: Path, dana: Path) -> None:
     out = wardctl(dbc.cluster.data_dir, "tokens", "add", "--type=db", "--ttl=10m", "--format=json")
     secret = json.loads(out.stdout)["token"]
