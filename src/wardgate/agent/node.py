@@ -17,7 +17,7 @@ from typing import Any
 
 from wardgate.agent.heartbeat import repeat
 from wardgate.agent.ssh.service import SSHNodeOptions, SSHNodeService, node_resource
-from wardgate.agent.tunnel import TunnelAgent
+from wardgate.agent.tunnel import TunnelAgent, tunnel_for
 from wardgate.api.cache import ResourceCache
 from wardgate.api.client import AuthClient
 from wardgate.api.emitter import RemoteEmitter
@@ -103,15 +103,7 @@ class NodeAgent:
         else:
             await self.service.open()
         if s.tunnel_proxy:
-            self.tunnel = TunnelAgent(
-                s.tunnel_proxy,
-                cert_pem=self.identity.cert_pem,
-                key_pem=self.identity.key_pem,
-                ca_pems=self.identity.ca_pems,
-                on_connection=self._on_channel,
-                accepts=lambda service: service == "ssh",
-            )
-            self.tunnel.start()
+            self.tunnel = tunnel_for(s.tunnel_proxy, self.identity, self._on_channel, "ssh")
         await self.heartbeat()
         beats = repeat(HEARTBEAT_EVERY.total_seconds(), self.heartbeat, "heartbeat to the auth service")
         self._tasks.append(asyncio.create_task(beats))

@@ -368,3 +368,19 @@ def _describe_failure(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     return str(exc) or type(exc).__name__
+
+
+def tunnel_for(
+    proxy_addr: str, identity: Any, on_connection: ConnectionHandler, service: str
+) -> TunnelAgent:
+    """A started tunnel from an agent with `identity` (an IdentityFile) serving one `service`."""
+    tunnel = TunnelAgent(
+        proxy_addr,
+        cert_pem=identity.cert_pem,
+        key_pem=identity.key_pem,
+        ca_pems=identity.ca_pems,
+        on_connection=on_connection,
+        accepts=lambda asked: asked == service,
+    )
+    tunnel.start()
+    return tunnel

@@ -59,6 +59,7 @@ from wardgate.auth.rbac import AccessChecker
 from wardgate.auth.sshserver import CertificateAuthServer, key_line
 from wardgate.errors import AuthenticationError, WardgateError
 from wardgate.protocols.sftp import SftpOp, SftpWatcher
+from wardgate.proxy.sshclient import node_client_options
 
 __all__ = ["AgentlessRecorder", "CertSource"]
 
@@ -271,23 +272,14 @@ class AgentlessRecorder:
         if not host:
             host, default_port = node.spec.addr, ""
         cas = [asyncssh.import_public_key(k) for k in self.host_ca_keys()]
-        options = asyncssh.SSHClientConnectionOptions(
-            username=login,
-            client_keys=[(key, cert)],
-            known_hosts=([], cas, []),
-            host_key_alias=f"{node.name}.{self.cluster}",
-            agent_path=None,
-            agent_forwarding=False,
-            password=None,
-            kbdint_auth=False,
-            gss_host=None,
-            x509_trusted_certs=None,
-            x509_trusted_cert_paths=[],
-            preferred_auth="publickey",
+        options = node_client_options(
+            login=login,
+            key=key,
+            cert=cert,
+            host_ca_keys=cas,
+            host_alias=f"{node.name}.{self.cluster}",
             connect_timeout=self.connect_timeout,
             keepalive_interval=self.keepalive_interval,
-            encoding=None,
-            config=None,
         )
         return await asyncssh.connect(
             host.strip("[]"), port or int(default_port or DEFAULT_SSH_PORT), options=options, config=None

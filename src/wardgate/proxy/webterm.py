@@ -78,6 +78,7 @@ from wardgate.protocols import webterm as wt
 from wardgate.protocols.errors import ProtocolError
 from wardgate.protocols.tunnel import format_client_addr, parse_client_addr
 from wardgate.proxy.agentless import AgentlessRecorder
+from wardgate.proxy.sshclient import node_client_options
 from wardgate.proxy.websession import COOKIE, WebSession, WebSessions
 
 __all__ = ["WebTerminal"]
@@ -681,24 +682,15 @@ class _Terminal:
         # Every node's host certificate names `<host id>.<cluster>` (and `<name>.<cluster>`): the
         # host id pins the very node resolved; agentless sshd certificates name the node.
         alias = node.spec.host_id if node.spec.host_id and not node.spec.agentless else node.name
-        options = asyncssh.SSHClientConnectionOptions(
-            username=login,
-            client_keys=[(self.key, self.cert)],
-            known_hosts=([], self.svc.host_ca_keys(), []),
-            host_key_alias=f"{alias}.{self.svc.cluster_name}",
-            client_factory=lambda: client,
-            agent_path=None,
-            agent_forwarding=False,
-            password=None,
-            kbdint_auth=False,
-            gss_host=None,
-            x509_trusted_certs=None,
-            x509_trusted_cert_paths=[],
-            preferred_auth="publickey",
+        options = node_client_options(
+            login=login,
+            key=self.key,
+            cert=self.cert,
+            host_ca_keys=self.svc.host_ca_keys(),
+            host_alias=f"{alias}.{self.svc.cluster_name}",
             connect_timeout=self.svc.connect_timeout,
             keepalive_interval=HEARTBEAT,
-            encoding=None,
-            config=None,
+            client_factory=lambda: client,
         )
         try:
             if (node.spec.tunnel or not node.spec.addr) and not node.spec.agentless:

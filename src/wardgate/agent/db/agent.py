@@ -18,7 +18,7 @@ from typing import Any
 
 from wardgate.agent.db.service import DatabaseService, Engine
 from wardgate.agent.heartbeat import repeat
-from wardgate.agent.tunnel import TunnelAgent
+from wardgate.agent.tunnel import TunnelAgent, tunnel_for
 from wardgate.api.cache import ResourceCache
 from wardgate.api.client import AuthClient
 from wardgate.api.emitter import RemoteEmitter
@@ -116,15 +116,7 @@ class DatabaseAgent:
         self._tasks.append(asyncio.create_task(self.cache.run(lambda: self.auth.watch(CACHED_KINDS))))
         await asyncio.wait_for(self.cache.ready.wait(), 30)
         if s.tunnel_proxy:
-            self.tunnel = TunnelAgent(
-                s.tunnel_proxy,
-                cert_pem=self.identity.cert_pem,
-                key_pem=self.identity.key_pem,
-                ca_pems=self.identity.ca_pems,
-                on_connection=self._on_channel,
-                accepts=lambda service: service == TUNNEL_SERVICE,
-            )
-            self.tunnel.start()
+            self.tunnel = tunnel_for(s.tunnel_proxy, self.identity, self._on_channel, TUNNEL_SERVICE)
         await self.heartbeat()
         beats = repeat(HEARTBEAT_EVERY.total_seconds(), self.heartbeat, "database heartbeat")
         self._tasks.append(asyncio.create_task(beats))
