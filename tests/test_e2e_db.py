@@ -277,3 +277,31 @@ db_service:
         assert out.stdout.strip() == "2"
     finally:
         agent.stop()
+
+
+def test_per_session_mfa_asks_for_a_code(dbc: DBCluster, tmp_path: Path) -> None:
+    import pexpect
+
+    from tests.cluster import current_code
+
+    role = ROLE.replace("name: db-dev", "name: db-mfa") + "  options: {require_session_mfa: true}\n"
+    wardctl(dbc.cluster.data_dir, "create", "-f", "-", stdin=role)
+    home = tmp_path / "max"
+    secret = dbc.cluster.add_user("max", "db-mfa", "root")
+    login(dbc.cluster, home, "max", secret)  # spends the current TOTP step
+    child = pexpect.spawn(
+        str(BIN / "ward"),
+        ["db", "connect", "pg-main", "--db-user=reader", "--db-name=app", "--", "-At", "-c", "select 40+2"],
+        env=ward_env(home),
+        encoding="utf-8",
+        timeout=60,
+    )
+    child.expect("require MFA for each session")
+    child.sendline(current_code(secret, time.time() + 30))
+    child.expect("42")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    # Without a terminal to ask in, the refusal says why.
+    out = run_ward(home, "db", "connect", "pg-main", "--db-user=pwuser", "--", "-c", "select 1")
+    assert out.returncode != 0 and "second factor" in out.stderr

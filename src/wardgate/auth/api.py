@@ -644,7 +644,9 @@ class AuthAPI:
         return web.json_response(resource_to_dict(res))
 
     async def visible_databases(self, request: web.Request) -> web.Response:
-        items = self.auth.visible_databases(request[IDENTITY])
+        ident: Identity = request[IDENTITY]
+        items = self.auth.visible_databases(ident)
+        mfa = self.auth.checker_for(ident).options.require_session_mfa and not ident.mfa_verified
         return web.json_response(
             {
                 "databases": [
@@ -654,6 +656,7 @@ class AuthAPI:
                         "protocol": db.spec.protocol,
                         "labels": db.metadata.labels,
                         "db_users": users,
+                        "require_session_mfa": mfa,
                     }
                     for db, users in items
                 ]
@@ -668,6 +671,8 @@ class AuthAPI:
             db_user=str(d.get("db_user", "")),
             db_name=str(d.get("db_name", "")),
             tls_public_key=str(d.get("tls_public_key", "")),
+            otp=str(d.get("otp", "")),
+            webauthn=self._webauthn(d),
         )
         return web.json_response(_user_certs_json(certs, self.auth))
 

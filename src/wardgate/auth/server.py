@@ -963,7 +963,15 @@ class AuthServer:
         return out
 
     async def issue_db_cert(
-        self, caller: Identity, *, db: str, db_user: str, db_name: str = "", tls_public_key: str
+        self,
+        caller: Identity,
+        *,
+        db: str,
+        db_user: str,
+        db_name: str = "",
+        tls_public_key: str,
+        otp: str = "",
+        webauthn: dict[str, Any] | None = None,
     ) -> UserCerts:
         """`ward db login`: a certificate routed to one database as one db user, after the roles
         say yes (the database service decides again on every connection)."""
@@ -981,12 +989,22 @@ class AuthServer:
         route = RouteToDatabase(
             service_name=db, protocol=found.spec.protocol, username=db_user, database=db_name
         )
+        ttl = (caller.expires - self.now()) if caller.expires else None
+        device = caller.mfa_verified
+        if checker.options.require_session_mfa and not device:
+            if not otp and webauthn is None:
+                raise AccessDeniedError(
+                    "your roles require a second factor for every database session: "
+                    "give a one-time code (ward db login asks for it)"
+                )
+            device = await self.users.verify_mfa(name, otp_code=otp, webauthn_response=webauthn)
+            ttl = SESSION_MFA_TTL  # one connection's worth, like per-session SSH certificates
         return await self.issue_user_certs(
             user,
             tls_public_key=tls_public_key,
-            ttl=(caller.expires - self.now()) if caller.expires else None,
+            ttl=ttl,
             route_to_db=route,
-            mfa_device=caller.mfa_verified,
+            mfa_device=device,
             by=name,
         )
 

@@ -12,7 +12,7 @@ import click
 
 from wardgate import __version__, runtime
 from wardgate.cli.output import FORMATS, console, details, dump, err_console, guarded, table
-from wardgate.errors import AuthenticationError, BadParameterError, NotFoundError
+from wardgate.errors import AccessDeniedError, AuthenticationError, BadParameterError, NotFoundError
 
 if TYPE_CHECKING:
     from wardgate.client.db import DBLogin
@@ -273,10 +273,7 @@ def ssh(
     login_name, node = split_login(target, login_opt, profile)
     from wardgate.client.mfa import session_mfa_options
 
-    def ask_code() -> str:
-        return str(click.prompt("Your roles require MFA for each session. One-time code", err=True))
-
-    mfa = runtime.run(session_mfa_options(profile, node, ask_code))
+    mfa = runtime.run(session_mfa_options(profile, node, _ask_mfa_code))
     argv = ssh_argv(
         profile,
         node,
@@ -294,6 +291,15 @@ def ssh(
         options=(*options, *mfa),
     )
     exec_program(argv)
+
+
+def _ask_mfa_code() -> str:
+    if not sys.stdin.isatty():
+        raise AccessDeniedError(
+            "your roles require a second factor for each session and there is no terminal to ask "
+            "for a one-time code in: run the command in a terminal"
+        )
+    return str(click.prompt("Your roles require MFA for each session. One-time code", err=True))
 
 
 @main.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -424,7 +430,7 @@ def proxy_db(name: str, port: int, tunnel: bool, db_user: str, db_name: str, pro
             f"without --tunnel, your client would connect to the proxy itself with the certificate in "
             f"{store.folder}: that is not available yet; use --tunnel"
         )
-    login = runtime.run(ensure_login(profile, name, db_user, db_name, store=store))
+    login = runtime.run(ensure_login(profile, name, db_user, db_name, store=store, ask_code=_ask_mfa_code))
     login.require_valid()
     flavor = ""
     if login.protocol == "mysql":
@@ -531,7 +537,7 @@ def db_login(name: str, db_user: str, db_name: str, proxy: str) -> None:
     from wardgate.client.db import db_login as do_login
 
     profile = _load(proxy)
-    login = runtime.run(do_login(profile, name, db_user, db_name))
+    login = runtime.run(do_login(profile, name, db_user, db_name, ask_code=_ask_mfa_code))
     who = _as_text(login.db_user, login.db_name)
     console.print(
         f'Logged in to database "{name}" ({login.protocol}) as {who}, valid until '
@@ -588,7 +594,7 @@ def db_connect(name: str, db_user: str, db_name: str, proxy: str, client_args: t
 
     profile = _load(proxy, valid=False)
     store = DBStore(profile)
-    login = runtime.run(ensure_login(profile, name, db_user, db_name, store=store))
+    login = runtime.run(ensure_login(profile, name, db_user, db_name, store=store, ask_code=_ask_mfa_code))
     login.require_valid()
     client = find_client(login.protocol)
     extra = list(client_args[1:] if client_args[:1] == ("--",) else client_args)

@@ -295,7 +295,13 @@ def default_db_user(entry: Mapping[str, Any]) -> str:
 
 
 async def db_login(
-    profile: Profile, name: str, db_user: str = "", db_name: str = "", *, store: DBStore | None = None
+    profile: Profile,
+    name: str,
+    db_user: str = "",
+    db_name: str = "",
+    *,
+    store: DBStore | None = None,
+    ask_code: Callable[[], str] | None = None,
 ) -> DBLogin:
     """`ward db login`: a certificate routed to database NAME as `db_user`, saved in the store.
 
@@ -329,9 +335,18 @@ async def db_login(
         if not db_name and previous is not None:
             db_name = previous.db_name
         key = store.key(name)
+        factor: dict[str, str] = {}
+        if entry.get("require_session_mfa"):
+            # Roles want a fresh second factor per session: the certificate lasts a minute.
+            if ask_code is None:
+                raise AccessDeniedError(
+                    f'your roles require a second factor for each session on "{name}": '
+                    "run `ward db login` or `ward db connect` in a terminal"
+                )
+            factor["otp"] = ask_code()
         try:
             resp = await c.db_user_cert(
-                db=name, db_user=db_user, db_name=db_name, tls_public_key=public_key_pem(key)
+                db=name, db_user=db_user, db_name=db_name, tls_public_key=public_key_pem(key), **factor
             )
         except (AccessDeniedError, BadParameterError) as exc:
             raise type(exc)(f'cannot log in to database "{name}" as {db_user}: {exc}') from None
@@ -351,7 +366,13 @@ async def db_login(
 
 
 async def ensure_login(
-    profile: Profile, name: str, db_user: str = "", db_name: str = "", *, store: DBStore | None = None
+    profile: Profile,
+    name: str,
+    db_user: str = "",
+    db_name: str = "",
+    *,
+    store: DBStore | None = None,
+    ask_code: Callable[[], str] | None = None,
 ) -> DBLogin:
     """The saved login if it is valid (for a while yet) and matches what was asked; else log in."""
     store = store or DBStore(profile)
@@ -365,7 +386,7 @@ async def ensure_login(
         and (not db_name or db_name == found.db_name)
     ):
         return found
-    return await db_login(profile, name, db_user, db_name, store=store)
+    return await db_login(profile, name, db_user, db_name, store=store, ask_code=ask_code)
 
 
 # ---------------------------------------------------------------- the data path
