@@ -94,6 +94,13 @@ class Postgres:
             "hostssl all all 127.0.0.1/32 cert\n"
         )
         self._as_pg([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "start"])
+        try:  # a server that started must never outlive a failed set-up
+            self._populate(cert_users)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _populate(self, cert_users: Sequence[str]) -> None:
         users = "".join(f"CREATE ROLE {u} LOGIN;" for u in cert_users)
         self.sql(f"{users} CREATE ROLE pwuser LOGIN PASSWORD '{DB_PASSWORD}'")
         self.sql("CREATE DATABASE app")
@@ -155,7 +162,14 @@ class MariaDB:
              "--innodb-buffer-pool-size=16M", "--innodb-log-file-size=8M", "--skip-log-bin"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        _wait(self.sock.exists, "mariadbd", self.log)
+        try:  # a server that started must never outlive a failed set-up
+            _wait(self.sock.exists, "mariadbd", self.log)
+            self._populate(cert_users)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _populate(self, cert_users: Sequence[str]) -> None:
         users = "".join(
             f"CREATE USER '{u}'@'%' REQUIRE SUBJECT '/CN={u}'; GRANT ALL ON app.* TO '{u}'@'%';"
             for u in cert_users

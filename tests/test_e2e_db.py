@@ -69,14 +69,21 @@ class DBCluster:
       auth: {{passwords: {{pwuser: {{env: WG_TEST_DB_PASSWORD}}}}}}
 """
         self.cluster = SSHCluster(root / "cluster", extra=dbs)
-        tls = db_server_files(self.cluster.data_dir, root / "tls")
-        self.pg = Postgres(tls, port=self.pg_port)
-        self.maria = MariaDB(tls, port=self.my_port)
+        self.pg: Postgres | None = None
+        self.maria: MariaDB | None = None
+        try:
+            tls = db_server_files(self.cluster.data_dir, root / "tls")
+            self.pg = Postgres(tls, port=self.pg_port)
+            self.maria = MariaDB(tls, port=self.my_port)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.cluster.stop()
-        self.pg.stop()
-        self.maria.stop()
+        for server in (self.pg, self.maria):
+            if server is not None:
+                server.stop()
 
 
 @pytest.fixture(scope="module")
