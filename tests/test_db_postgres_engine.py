@@ -12,32 +12,21 @@ client sends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import socket
 import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from tests.cluster import SSHCluster, wardctl
-from tests.dbservers import DB_PASSWORD, PG_BIN, Postgres, db_server_files, have_postgres
-from tests.test_ward_client import LoopThread
+from tests.dbengine import EngineEnv
+from tests.dbservers import DB_PASSWORD, PG_BIN, Postgres, have_postgres
 from wardgate.agent.db import postgres as engine_mod
 from wardgate.agent.db.postgres import ServerFramer, serve_postgres
-from wardgate.agent.db.service import DatabaseService
-from wardgate.api.cache import ResourceCache
-from wardgate.api.client import AuthClient
-from wardgate.api.identityfile import IdentityFile, server_trusting_context
-from wardgate.api.resources import Database
-from wardgate.audit.events import MemoryEmitter
-from wardgate.keys import generate_tls_key, private_key_pem, public_key_pem
 from wardgate.protocols import postgres as pg
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not have_postgres(), reason="PostgreSQL is not installed")]
@@ -45,7 +34,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not have_postgres(), reason="
 DB = "pg"
 DOOMED = "pg-doomed"
 PASSWORD_ENV = "WARDGATE_TEST_PG_PASSWORD"
-CACHED = ("cert_authority", "role", "lock", "db")
 ROLE = """kind: role
 version: v1
 metadata: {name: dbaccess}
@@ -90,134 +78,28 @@ def add_password_users(server: Postgres) -> None:
     server.sql("GRANT ALL ON items TO md5user, ptuser, nopw", db="app")
 
 
-class Env:
-    """Cluster + PostgreSQL + a DatabaseService on a background loop, listening on `port`."""
+class Env(EngineEnv):
+    """Cluster + PostgreSQL + a DatabaseService on a background loop."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.cluster = SSHCluster(root / "cluster")
-        self.stack = contextlib.ExitStack()
-        self.stack.callback(self.cluster.stop)
-        data = self.cluster.data_dir
-        self.tls = db_server_files(data, root / "tls")
-        self.pg = Postgres(self.tls)
-        self.stack.callback(self.pg.stop)
-        add_password_users(self.pg)
+    DB = DB
+    ROLE = ROLE
+    PASSWORD_ENV = PASSWORD_ENV
+    HOST_ID = "pg-test-host"
+    ENGINES = {"postgres": serve_postgres}
+
+    def start_database(self) -> Postgres:
         self.doomed: Postgres | None = None
-        os.environ[PASSWORD_ENV] = DB_PASSWORD
-        (root / "res.yaml").write_text(ROLE + "---\n" + _db_yaml(DB, self.pg.port))
-        wardctl(data, "create", "-f", str(root / "res.yaml"))
-        wardctl(data, "users", "add", "alice", "--roles=dbaccess")
-        wardctl(data, "auth", "sign", "--user=alice", "-o", str(root / "alice.identity"))
-        token = json.loads(wardctl(data, "tokens", "add", "--type=db", "--format=json").stdout)["token"]
-        self.addr = f"127.0.0.1:{self.cluster.auth_port}"
-        self.loop = LoopThread()
-        self.stack.callback(self.loop.stop)
-        self.emitter = MemoryEmitter()
-        self.certs: dict[tuple[str, str, str], str] = {}
-        self.loop.run(self._start(root / "alice.identity", token))
+        self.stack.callback(lambda: self.doomed.stop() if self.doomed is not None else None)
+        self.pg = Postgres(self.tls)
+        try:
+            add_password_users(self.pg)
+        except BaseException:
+            self.pg.stop()
+            raise
+        return self.pg
 
-    async def _start(self, alice_path: Path, token: str) -> None:
-        pems = await AuthClient.discover_trust(self.addr, ca_pin=self.cluster.pin)
-        key = generate_tls_key()
-        async with AuthClient(self.addr, server_trusting_context(pems)) as c:
-            data = await c.join(
-                token=token,
-                role="db",
-                node_name="pg-test",
-                host_id="pg-test-host",
-                tls_public_key=public_key_pem(key.public_key()),
-                ssh_public_key="",
-                addresses=[],
-            )
-        ident = IdentityFile(
-            key_pem=private_key_pem(key),
-            cert_pem=data["tls_cert"],
-            ca_pems=data["host_ca_pems"],
-            auth_server=self.addr,
-            cluster=data["cluster_name"],
-        )
-        self.auth = AuthClient.from_identity(ident, self.addr)
-        self.cache = ResourceCache(CACHED)
-        self.cache_task = asyncio.ensure_future(self.cache.run(lambda: self.auth.watch(CACHED)))
-        await asyncio.wait_for(self.cache.ready.wait(), 30)
-        self.service = DatabaseService(
-            auth=self.auth,
-            cache=self.cache,
-            emitter=self.emitter,
-            host_id="pg-test-host",
-            databases=self.databases,
-            engines={"postgres": serve_postgres},
-        )
-        self.alice = AuthClient.from_identity(IdentityFile.load(alice_path), self.addr)
-        self.servers: list[asyncio.base_events.Server] = []
-
-    def databases(self) -> dict[str, Database]:
-        return {d.name: d for d in self.cache.list("db") if isinstance(d, Database)}
-
-    def add_database(self, name: str, port: int) -> None:
-        path = self.root / f"{name}.yaml"
-        path.write_text(_db_yaml(name, port))
-        wardctl(self.cluster.data_dir, "create", "-f", str(path))
-        self.wait_for(f"database {name} in the cache", lambda: name in self.databases())
-
-    def cert(self, db_user: str, db_name: str = "app", db: str = DB) -> str:
-        """alice's certificate for `ward db login DB --db-user=U --db-name=D`."""
-        if (db, db_user, db_name) not in self.certs:
-
-            async def issue() -> str:
-                key = generate_tls_key()
-                data = await self.alice.db_user_cert(
-                    db=db, db_user=db_user, db_name=db_name, tls_public_key=public_key_pem(key.public_key())
-                )
-                return data["tls_cert"]
-
-            self.certs[db, db_user, db_name] = self.loop.run(issue())
-        return self.certs[db, db_user, db_name]
-
-    def listen(self, db_user: str = "reader", db_name: str = "app", db: str = DB) -> int:
-        """A port where every connection is handed to the service as alice's `db_user` cert."""
-        header = {"cert": self.cert(db_user, db_name, db), "db": db, "client_addr": "127.0.0.1:40000"}
-
-        async def start() -> int:
-            server = await asyncio.start_server(lambda r, w: self.service.serve(r, w, header), "127.0.0.1", 0)
-            self.servers.append(server)
-            return server.sockets[0].getsockname()[1]
-
-        return self.loop.run(start())
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in list(self.emitter.events) if name is None or e["event"] == name]
-
-    def wait_for(self, what: str, cond: Callable[[], Any], timeout: float = 30) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = cond()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; events: {self.events()[-20:]}")
-
-    def session_events(self, sid: str) -> list[dict[str, Any]]:
-        return [e for e in self.events() if e.get("sid") == sid]
-
-    def stop(self) -> None:
-        async def close() -> None:
-            for s in self.servers:
-                s.close()
-            for t in list(self.service.sessions):
-                t.cancel()
-            self.cache_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self.cache_task
-            await self.auth.close()
-            await self.alice.close()
-
-        with contextlib.suppress(Exception):
-            self.loop.run(close())
-        if self.doomed is not None:
-            self.doomed.stop()
-        self.stack.close()
+    def db_yaml(self, name: str, port: int) -> str:
+        return _db_yaml(name, port)
 
 
 @pytest.fixture(scope="module")
