@@ -50,7 +50,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -61,6 +60,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ssh as sshbench  # bench/ssh.py's helpers, reused as they are
+
 BIN = Path(sys.executable).parent
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), Path("/usr/bin"))
 CLUSTER = "bench.example"
@@ -68,8 +70,6 @@ USER = "bench"
 PASSWORD = "correct horse battery staple"
 DB = "pg-bench"
 DB_USER = DB_NAME = "bench"
-TICKS = os.sysconf("SC_CLK_TCK")
-START = time.monotonic()
 DEFAULT_PATHS = ("direct", "pgbouncer", "wardgate")
 ALL_PATHS = (*DEFAULT_PATHS, "direct-plain")
 MODES = ("select-only", "tpc-b")
@@ -84,44 +84,14 @@ spec:
 """
 
 
-def progress(msg: str) -> None:
-    print(f"[{time.monotonic() - START:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def proc_cpu(pid: int) -> float:
-    """CPU seconds of `pid` (utime+stime); 0 once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def machine_busy() -> float:
-    """Busy CPU seconds of the whole machine, all CPUs (not idle, iowait or steal)."""
-    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(values[:3] + values[5:7]) / TICKS
-
-
-def run(argv: list[str], *, timeout: float = 120, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
+# Shared with the SSH benchmark: processes, ports, CPU accounting, progress lines.
+progress = sshbench.progress
+free_port = sshbench.free_port
+port_open = sshbench.port_open
+proc_cpu = sshbench.proc_cpu
+machine_busy = sshbench.machine_busy
+run = sshbench.run
+Server = sshbench.Server
 
 
 def as_postgres(argv: list[str], *, timeout: float = 120) -> str:
@@ -129,49 +99,6 @@ def as_postgres(argv: list[str], *, timeout: float = 120) -> str:
     if os.geteuid() == 0:
         argv = ["runuser", "-u", "postgres", "--", *argv]
     return run(argv, timeout=timeout)
-
-
-class Server:
-    """A long-running helper with its log in the temp dir; stopped by `stop`."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "COLUMNS": "200", **(env or {})},
-                start_new_session=True,
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def wait_ready(self, ready: Any, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.output()}")
-            if ready():
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name}: no {what} after {timeout:.0f}s:\n{self.output()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def ensure_pgbouncer() -> str:

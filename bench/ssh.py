@@ -136,8 +136,12 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def proc_cpu(pid: int, *, reaped_children: bool = False) -> float:
-    """CPU seconds of `pid` (utime+stime), or of the children it has reaped (cutime+cstime)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
+    """CPU seconds of `pid` (utime+stime), or of the children it has reaped (cutime+cstime);
+    0 once the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
     fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
     return ((cutime + cstime) if reaped_children else (utime + stime)) / TICKS
@@ -194,8 +198,17 @@ class Server:
                 self.proc.wait()
 
 
-def run(argv: list[str], *, timeout: float = 60, stdin: str | None = None) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=stdin)
+def run(
+    argv: list[str], *, timeout: float = 60, stdin: str | None = None, env: dict[str, str] | None = None
+) -> str:
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin if stdin is not None else "",
+        env=env,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
