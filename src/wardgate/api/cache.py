@@ -35,6 +35,7 @@ class ResourceCache:
         self._pending: dict[str, dict[str, Resource]] | None = None
         self.ready = asyncio.Event()
         self._listeners: list[Callable[[ResourceEvent], None]] = []
+        self._parsed_cas: dict[str, tuple[Resource, list[x509.Certificate]]] = {}
 
     # ---- reads (synchronous: no awaiting on the hot path)
 
@@ -46,8 +47,13 @@ class ResourceCache:
             if required:
                 raise AuthenticationError(f"the {ca_type} CA is not loaded yet: retry in a moment")
             return []
-        keys = (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
-        return load_x509_pem_list("".join(k.tls_cert_pem for k in keys))
+        # Every new connection asks: parse each version of the CA once (a change replaces the object).
+        parsed = self._parsed_cas.get(ca_type)
+        if parsed is None or parsed[0] is not ca:
+            keys = (*ca.spec.active_keys, *ca.spec.additional_trusted_keys)
+            parsed = (ca, load_x509_pem_list("".join(k.tls_cert_pem for k in keys)))
+            self._parsed_cas[ca_type] = parsed
+        return list(parsed[1])
 
     def ca_ssh_keys(self, ca_type: str) -> list[str]:
         """The SSH public keys (authorized_keys lines) of a CA, active and additionally trusted."""

@@ -137,6 +137,7 @@ class ProxyService:
             sessions=self.web_sessions,
             cache=self.cache,
             cluster_name=ping["cluster_name"],
+            second_factor=ping["second_factor"],
             allowed_origins=webapi.allowed_origins,
         ).register(webapi.app)
         self.terminal = terminal = WebTerminal(

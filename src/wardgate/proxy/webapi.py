@@ -86,6 +86,7 @@ class WebAPI:
         sessions: WebSessions,
         cache: ResourceCache,
         cluster_name: str,
+        second_factor: str,
         allowed_origins: Callable[[web.Request], set[str]],
         cookie_secure: bool = True,
     ) -> None:
@@ -93,6 +94,7 @@ class WebAPI:
         self.auth = sessions.auth
         self.cache = cache
         self.cluster_name = cluster_name
+        self.second_factor = second_factor
         self.allowed_origins = allowed_origins
         self.cookie_secure = cookie_secure
 
@@ -205,7 +207,6 @@ class WebAPI:
         caps = {"nodes": True, "sessions": True}
         for name, (kind, verb) in CAPABILITIES.items():
             caps[name] = checker.check_rule(kind, verb).allowed
-        ping = await self.auth.ping()
         return web.json_response(
             {
                 "user": sess.user,
@@ -214,7 +215,7 @@ class WebAPI:
                 "expires": sess.expires.isoformat(),
                 "idle_timeout": int(self.sessions.idle_timeout.total_seconds()),
                 "cluster_name": self.cluster_name,
-                "second_factor": ping.get("second_factor", ""),
+                "second_factor": self.second_factor,
                 "capabilities": caps,
             }
         )

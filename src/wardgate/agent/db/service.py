@@ -162,14 +162,15 @@ class DatabaseService:
         self._cert_locks: dict[str, asyncio.Lock] = {}
         self._tls_contexts: dict[tuple[str, str, str, str], ssl.SSLContext] = {}
         self.sessions: set[asyncio.Task[Any]] = set()
+        self._emit_nowait: Callable[..., Any] | None = getattr(emitter, "emit_nowait", None)
+        """Resolved once: emit() runs for every query on the data path."""
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
 
     def emit(self, event: str, **fields: Any) -> None:
-        emit_nowait = getattr(self.emitter, "emit_nowait", None)
-        if emit_nowait is not None:
-            emit_nowait(event, **fields)
+        if self._emit_nowait is not None:
+            self._emit_nowait(event, **fields)
         else:  # a local store: fire and forget, errors logged
             task = asyncio.get_running_loop().create_task(self.emitter.emit(event, **fields))
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
