@@ -363,7 +363,8 @@ class ProxyServiceConfig(Model):
     public_addr: ProxyPublicAddr = ""
     """host:port users and agents reach the proxy at (behind NAT or a load balancer)."""
     https_keypairs: list[KeyPairConfig] = Field(default_factory=list)
-    """Web certificates; empty means a self-signed one kept under data_dir."""
+    """Web certificates for browsers. Accepted but not used yet: the proxy serves its certificate
+    from the cluster's host CA."""
     web_idle_timeout: Duration = timedelta(minutes=30)
     """A browser session ends after this long without activity."""
 
@@ -689,7 +690,8 @@ proxy_service:
   listen_addr: 0.0.0.0:3080
   # Address users and agents reach the proxy at, if it differs (NAT, load balancer).
   public_addr: ""
-  # Web certificates; empty means a self-signed one under data_dir. Example:
+  # Web certificates for browsers (accepted, not used yet: the proxy serves its
+  # certificate from the cluster's host CA). Example:
   # https_keypairs:
   #   - key_file: /etc/wardgate/privkey.pem
   #     cert_file: /etc/wardgate/fullchain.pem
