@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -233,6 +233,65 @@ def test_locked_user_is_refused_with_the_lock_message(dbc: DBCluster, tmp_path: 
         if e["user"] == "lee" and not e["success"]
     ]
     assert refused and "db-incident-9" in refused[0]["error"]
+
+
+def _open_then_wait_for_cut(port: int, cut: Callable[[], None]) -> tuple[list[int], str]:
+    """asyncpg through the local proxy: a query works, `cut()` happens, then queries are tried
+    for up to 8 s; returns what the queries gave and how the connection ended."""
+    import asyncpg
+
+    async def go() -> tuple[list[int], str]:
+        conn = await asyncpg.connect(host="127.0.0.1", port=port, user="reader", database="app", ssl=False)
+        got = [await conn.fetchval("select 1")]
+        cut()
+        deadline = time.monotonic() + 8
+        try:
+            while time.monotonic() < deadline:
+                got.append(await conn.fetchval("select 2"))
+                await asyncio.sleep(0.5)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError, OSError) as exc:
+            return got, type(exc).__name__
+        finally:
+            conn.terminate()
+        return got, ""
+
+    return asyncio.run(go())
+
+
+def test_a_lock_ends_an_open_database_session(dbc: DBCluster, tmp_path: Path) -> None:
+    home = tmp_path / "lou"
+    login(dbc.cluster, home, "lou", dbc.cluster.add_user("lou", "db-dev", "root"))
+    assert run_ward(home, "db", "login", "pg-main", "--db-user=reader", "--db-name=app").returncode == 0
+    proxy = LocalProxy(home, "pg-main")
+    try:
+        got, ended = _open_then_wait_for_cut(
+            proxy.port,
+            lambda: wardctl(dbc.cluster.data_dir, "lock", "--user=lou", "--ttl=1h", "--message=db-cutoff-3"),
+        )
+    finally:
+        proxy.stop()
+    assert got[0] == 1 and ended, f"the session outlived the lock: {got}"
+    assert len(got) < 12  # cut off within the ~5 s the service promises, not at the deadline
+    errors = [e for e in audit(dbc.cluster.data_dir, "--type", "db.session.error") if e["user"] == "lou"]
+    assert errors and "db-cutoff-3" in errors[0]["error"]
+    ends = [e for e in audit(dbc.cluster.data_dir, "--type", "db.session.end") if e["user"] == "lou"]
+    assert ends
+
+
+def test_idle_timeout_ends_a_quiet_database_session(dbc: DBCluster, tmp_path: Path) -> None:
+    role = ROLE.replace("name: db-dev", "name: db-idle") + "  options: {client_idle_timeout: 2s}\n"
+    wardctl(dbc.cluster.data_dir, "create", "-f", "-", stdin=role)
+    home = tmp_path / "ida"
+    login(dbc.cluster, home, "ida", dbc.cluster.add_user("ida", "db-idle", "root"))
+    assert run_ward(home, "db", "login", "pg-main", "--db-user=reader", "--db-name=app").returncode == 0
+    proxy = LocalProxy(home, "pg-main")
+    try:
+        got, ended = _open_then_wait_for_cut(proxy.port, lambda: time.sleep(4))
+    finally:
+        proxy.stop()
+    assert got == [1] and ended
+    errors = [e for e in audit(dbc.cluster.data_dir, "--type", "db.session.error") if e["user"] == "ida"]
+    assert errors and "idle timeout of 2s" in errors[0]["error"]
 
 
 def test_expired_certificate_is_refused_with_what_to_do(dbc: DBCluster, tmp_path: Path) -> None:

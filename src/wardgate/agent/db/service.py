@@ -36,6 +36,7 @@ from wardgate.auth.certs import verify_tls_identity
 from wardgate.auth.identity import Identity
 from wardgate.auth.locks import find_lock, lock_decision
 from wardgate.auth.rbac import AccessChecker
+from wardgate.durations import format_duration
 from wardgate.errors import AccessDeniedError, AuthenticationError, BadParameterError, WardgateError
 from wardgate.keys import generate_tls_key, private_key_pem, public_key_pem
 from wardgate.protocols.dbconn import decode_header
@@ -44,6 +45,9 @@ from wardgate.protocols.errors import ProtocolError
 log = logging.getLogger(__name__)
 CLIENT_CERT_RENEW = timedelta(minutes=10)
 """Renew a cached db-CA client certificate when it has less than this left."""
+SUPERVISE_EVERY = 1.0
+"""How often a live session is checked again: a lock, a role change, an expired certificate
+(`disconnect_expired_cert`) or the idle timeout ends it within about this long."""
 
 Engine = Callable[["DBSession", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -68,6 +72,10 @@ class DBSession:
     db_name: str = ""
     refusal: str = ""
     """Why the certificate itself was refused; told to the client once its startup is read."""
+    last_activity: float = field(default_factory=time.monotonic)
+    """When the client last sent a statement: what `client_idle_timeout` measures."""
+    ended_by: str = ""
+    """Why the service cut the session (lock, revoked access, expiry, idle), when it did."""
 
     @property
     def route(self) -> Any:
@@ -85,6 +93,7 @@ class DBSession:
             self.emit("db.session.start", success=False, error=str(exc))
             raise
         self.db_user, self.db_name = db_user, db_name
+        self.service.supervise(self)
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -97,6 +106,8 @@ class DBSession:
         }
 
     def emit(self, event: str, *, success: bool = True, **extra: Any) -> None:
+        if event == "db.session.query":
+            self.last_activity = time.monotonic()
         self.service.emit(
             event, user=self.identity.user, success=success, sid=self.id, **self.fields(), **extra
         )
@@ -185,10 +196,14 @@ class DatabaseService:
             raise AuthenticationError("this certificate is not for a database: run `ward db login NAME`")
         return ident
 
-    def check_access(self, ident: Identity, db: Database, db_user: str, db_name: str) -> None:
+    def check_access(
+        self, ident: Identity, db: Database, db_user: str, db_name: str, *, expiry: bool = True
+    ) -> None:
+        """`expiry=False` for sessions already open: an expired certificate ends those only when
+        the roles say `disconnect_expired_cert` (see `violation`)."""
         route = ident.route_to_db
         assert route is not None
-        if ident.expires is not None and ident.expires <= self.now():
+        if expiry and ident.expires is not None and ident.expires <= self.now():
             raise AuthenticationError("your database certificate has expired: run `ward db login` again")
         if route.username and db_user != route.username:
             raise AccessDeniedError(
@@ -204,6 +219,45 @@ class DatabaseService:
         checker.check_db(db.metadata.labels, db_user, db_name, name=db.name).raise_if_denied()
         if checker.options.require_session_mfa and not ident.mfa_verified:
             raise AccessDeniedError(SESSION_MFA_REQUIRED.replace("ward ssh", "ward db login"))
+
+    def violation(self, session: DBSession) -> str:
+        """Why an open session may not go on (empty when it may): checked every second."""
+        ident = session.identity
+        try:
+            self.check_access(ident, session.database, session.db_user, session.db_name, expiry=False)
+        except WardgateError as exc:
+            return str(exc)
+        roles: dict[str, Role] = self.cache.as_dict("role")  # type: ignore[assignment]
+        options = AccessChecker.for_identity(ident, roles).options
+        if options.disconnect_expired_cert and ident.expires is not None and ident.expires <= self.now():
+            return "your certificate expired and your roles disconnect expired sessions"
+        idle = options.client_idle_timeout
+        idle_for = time.monotonic() - session.last_activity
+        if idle is not None and idle.total_seconds() > 0 and idle_for > idle.total_seconds():
+            return f"the client exceeded the idle timeout of {format_duration(idle)}"
+        return ""
+
+    def supervise(self, session: DBSession) -> None:
+        """Keep checking an authorised session while it runs, and end it (the engine then
+        writes `db.session.end`) when a lock, a role change, expiry or idleness says so."""
+        task = asyncio.current_task()
+        if task is None:
+            return
+
+        async def watch() -> None:
+            while not task.done():
+                await asyncio.sleep(SUPERVISE_EVERY)
+                reason = self.violation(session)
+                if reason:
+                    session.ended_by = reason
+                    user = session.identity.user
+                    log.info("ending database session %s of %s: %s", session.id, user, reason)
+                    session.emit("db.session.error", success=False, error=f"session ended: {reason}")
+                    task.cancel(f"session ended: {reason}")
+                    return
+
+        watcher = asyncio.get_running_loop().create_task(watch(), name=f"db-supervise-{session.id}")
+        task.add_done_callback(lambda _t: watcher.cancel())
 
     # ---------------------------------------------------------------- upstream credentials
 
@@ -286,7 +340,12 @@ class DatabaseService:
                 service=self,
                 refusal=refusal,
             )
-            await engine(session, reader, writer)
+            try:
+                await engine(session, reader, writer)
+            except asyncio.CancelledError:
+                if not session.ended_by or task is None:
+                    raise
+                task.uncancel()  # we ended the session, nobody cancelled the connection's owner
         finally:
             if task is not None:
                 self.sessions.discard(task)
