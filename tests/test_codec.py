@@ -22,6 +22,12 @@ from wardgate.api.codec import (
 )
 from wardgate.api.resources import (
     KINDS,
+    App,
+    AppHeader,
+    AppRewrite,
+    AppService,
+    AppServiceSpec,
+    AppSpec,
     CAKeyPair,
     CertAuthority,
     CertAuthoritySpec,
@@ -168,6 +174,26 @@ SAMPLES: dict[str, Resource] = {
         DatabaseServiceSpec(
             hostname="db-agent-1", tunnel=True, resources=[{"env": "dev"}], databases=["pg-main"]
         ),
+    ),
+    "app": App.new(
+        "grafana",
+        AppSpec(
+            uri="https://grafana.internal:3000/",
+            public_addr="grafana.proxy.example:443",
+            insecure_skip_verify=True,
+            rewrite=AppRewrite(
+                redirect=["localhost"],
+                headers=[AppHeader(name="X-Grafana-User", value="{{internal.logins}}")],
+            ),
+            host_id="app-6f1c",
+            hostname="app-agent-1",
+        ),
+        labels={"env": "prod"},
+        description="Dashboards",
+    ),
+    "app_service": AppService.new(
+        "app-6f1c",
+        AppServiceSpec(hostname="app-agent-1", tunnel=True, resources=[{"team": "web"}], apps=["grafana"]),
     ),
 }
 

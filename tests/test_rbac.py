@@ -623,6 +623,13 @@ def lock(name: str, expires: datetime | None = None, message: str = "", **target
         ({"user": "alice", "node": "web1"}, {"user": "alice", "node": "web1"}, True),
         ({"user": "alice", "node": "web1"}, {"user": "alice", "node": "web2"}, False),
         ({"user": "alice", "node": "web1"}, {"user": "bob", "node": "web1"}, False),
+        ({"app": "grafana"}, {"user": "bob", "app": "grafana"}, True),
+        ({"app": "grafana"}, {"user": "bob", "app": "wiki"}, False),
+        ({"app": "grafana"}, {"user": "bob", "node": "grafana"}, False),  # not an app connection
+        ({"app": "grafana"}, {"user": "bob"}, False),
+        ({"user": "alice", "app": "grafana"}, {"user": "alice", "app": "grafana"}, True),
+        ({"user": "alice", "app": "grafana"}, {"user": "bob", "app": "grafana"}, False),
+        ({"user": "alice"}, {"user": "alice", "app": "grafana"}, True),
     ],
 )
 def test_lock_targets(target: dict[str, str], context: dict[str, Any], applies: bool) -> None:

@@ -326,6 +326,43 @@ class AuthClient:
         body = {"hosts": list(hosts), "tls_public_key": tls_public_key, "ttl": ttl}
         return await self.call("POST", "/v1/certs/db-server", body)
 
+    # ---- applications
+
+    async def app_heartbeat(self, res: Resource) -> Resource:
+        """App services: register a configured `app` (spec.host_id = ours) or ourselves (`app_service`)."""
+        return resource_from_dict(
+            await self.call("POST", "/v1/app/heartbeat", {"resource": resource_to_dict(res)})
+        )
+
+    async def visible_apps(self) -> list[dict[str, Any]]:
+        """Apps served right now that the caller may open: `name`, `description`, `labels`,
+        `uri_kind` (http or tcp), `public_addr`, `require_session_mfa`."""
+        return list((await self.call("GET", "/v1/apps/visible")).get("apps") or [])
+
+    async def app_user_cert(self, **body: Any) -> dict[str, Any]:
+        """`app`, `tls_public_key` (+ `otp`/`webauthn` when roles require MFA) → a certificate routed
+        to that app, like `db_user_cert`, plus `route_to_app` {name, public_addr, session_id}."""
+        return await self.call("POST", "/v1/certs/app-user", body)
+
+    async def create_app_session(self, **body: Any) -> dict[str, Any]:
+        """As the user's web session: `app`, `web_session_id` (+ `otp`/`webauthn`) → `token` (one
+        use, 60 s), `session_id`, `public_addr`, `expires`."""
+        return await self.call("POST", "/v1/app-sessions", body)
+
+    async def exchange_app_session(self, token: str) -> dict[str, Any]:
+        """App services: spend a token → `secret` (the cookie), `session_id`, `user`, `app`,
+        `public_addr`, `cert`, `expires`."""
+        return await self.call("POST", "/v1/app-sessions/exchange", {"token": token})
+
+    async def get_app_session(self, secret: str) -> dict[str, Any]:
+        """App services: the session a cookie names; NotFoundError once it has ended."""
+        return await self.call("POST", "/v1/app-sessions/get", {"secret": secret})
+
+    async def app_jwt(self, cert: str, app: str) -> dict[str, Any]:
+        """App services: the `Wardgate-Jwt-Assertion` for a user certificate routed to `app`
+        → `jwt`, `expires`."""
+        return await self.call("POST", "/v1/app/jwt", {"cert": cert, "app": app})
+
     async def explain(self, user: str, node: str, login: str) -> dict[str, Any]:
         return await self.call("POST", "/v1/access/explain", {"user": user, "node": node, "login": login})
 

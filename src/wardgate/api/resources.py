@@ -8,9 +8,11 @@ that is shown: they live in their own models with `secret` in the name and are s
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -371,6 +373,213 @@ class DatabaseService(Resource):
     spec: DatabaseServiceSpec = Field(default_factory=DatabaseServiceSpec)
 
 
+# ---------------------------------------------------------------- applications
+
+APP_URI_SCHEMES = ("http", "https", "tcp")
+DNS_LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+UPSTREAM_HOST_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
+"""Looser than DNS: upstream names like `my_service` (Docker, /etc/hosts) are common."""
+HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+JWT_HEADER = "Wardgate-Jwt-Assertion"
+HOP_BY_HOP_HEADERS = frozenset(
+    ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+     "trailer", "transfer-encoding", "upgrade")
+)  # fmt: skip
+"""RFC 9110 7.6.1: they describe one connection, not the request, so they are not forwarded."""
+RESERVED_HEADERS = frozenset(
+    ("wardgate-jwt-assertion", "content-length", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
+     "x-forwarded-port")
+)  # fmt: skip
+"""Set by the app service itself: letting a config override them would forge the user's identity
+(the JWT), what the client asked for (X-Forwarded-*), or break HTTP framing."""
+DEFAULT_PROXY_PORT = 3080
+
+
+def _port(text: str, what: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"{what}: port {text!r} must be a number from 1 to 65535")
+    return int(text)
+
+
+def _dns_name(host: str) -> bool:
+    labels = host.rstrip(".").split(".")
+    return len(host) <= 253 and all(DNS_LABEL_RE.match(label) for label in labels)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def split_host_port(addr: str, default_port: int = 0, *, what: str = "") -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]:port` -> (host, port or `default_port`)."""
+    addr = addr.strip()
+    what = what or repr(addr)
+    if addr.startswith("["):
+        host, _, rest = addr[1:].partition("]")
+        port = rest.removeprefix(":")
+        return host, (_port(port, what) if port else default_port)
+    if addr.count(":") == 1:
+        host, _, port = addr.partition(":")
+        return host, (_port(port, what) if port else default_port)
+    return addr, default_port
+
+
+class AppHeader(Model):
+    """One request header the app service adds for the app; `{{internal.*}}`/`{{external.*}}`
+    in the value expand from the user's traits."""
+
+    name: str
+    value: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not HEADER_NAME_RE.match(v):
+            raise ValueError(f"header name {v!r} may hold only letters, digits and !#$%&'*+-.^_`|~")
+        if v.lower() in HOP_BY_HOP_HEADERS:
+            raise ValueError(f"header {v!r} is hop-by-hop (about one connection): it cannot be added")
+        if v.lower() in RESERVED_HEADERS:
+            raise ValueError(f"header {v!r} is set by Wardgate itself and cannot be rewritten")
+        return v
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, v: str) -> str:
+        if any(c in v for c in "\r\n\0"):
+            raise ValueError("a header value cannot hold line breaks or NUL characters")
+        return v
+
+
+class AppRewrite(Model):
+    redirect: list[str] = Field(default_factory=list)
+    """More host names whose redirects (`Location`) the app service points at the public address."""
+    headers: list[AppHeader] = Field(default_factory=list)
+
+    @field_validator("redirect")
+    @classmethod
+    def _redirect(cls, v: list[str]) -> list[str]:
+        for host in v:
+            if not host or "/" in host or any(c.isspace() for c in host):
+                raise ValueError(f"redirect host {host!r} must be a bare host name, like localhost")
+        return v
+
+
+class AppSpec(Model):
+    uri: str
+    """Where the app service reaches the app: `http://`, `https://` or `tcp://host:port`."""
+    public_addr: str = ""
+    """Host name (optionally `:port`) users reach it at; empty means `<name>.<proxy host>`."""
+    insecure_skip_verify: bool = False
+    """For `https` upstreams whose certificate cannot be verified (self-signed)."""
+    rewrite: AppRewrite = Field(default_factory=AppRewrite)
+    host_id: str = ""
+    """The app service that registered it (static config); empty for `wardctl create`d ones,
+    which any app service whose `resources` selectors match its labels serves."""
+    hostname: str = ""
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        v = v.strip()
+        scheme, sep, _ = v.partition("://")
+        if not sep or scheme.lower() not in APP_URI_SCHEMES:
+            raise ValueError(
+                f"uri {v!r} must start with http://, https:// or tcp://, like http://127.0.0.1:3000"
+            )
+        try:
+            parts = urlsplit(v)
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"uri {v!r}: port must be a number from 1 to 65535") from None
+        host = parts.hostname or ""
+        if not host:
+            raise ValueError(f"uri {v!r} names no host, like http://127.0.0.1:3000")
+        if not UPSTREAM_HOST_RE.match(host) and not _is_ip(host):
+            raise ValueError(f"uri {v!r}: {host!r} is neither a host name nor an IP address")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(f"uri {v!r}: put no user name or password in the uri")
+        if port == 0:
+            raise ValueError(f"uri {v!r}: port must be a number from 1 to 65535")
+        if scheme.lower() == "tcp":
+            if port is None:
+                raise ValueError(f"uri {v!r}: a tcp app needs a port, like tcp://10.0.0.5:5432")
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise ValueError(f"uri {v!r}: a tcp app is host:port only, no path")
+        return v
+
+    @field_validator("public_addr")
+    @classmethod
+    def _public_addr(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            return v
+        if "://" in v or "/" in v:
+            raise ValueError(f"public_addr {v!r} is a host name (and optional :port), without scheme or path")
+        host, port = split_host_port(v, what=f"public_addr {v!r}")
+        host = host.rstrip(".").lower()
+        if not host or _is_ip(host) or not _dns_name(host):
+            raise ValueError(
+                f"public_addr {v!r} must be a DNS name like grafana.proxy.example "
+                "(browsers pick the app by host name, so not an IP address)"
+            )
+        return f"{host}:{port}" if port else host
+
+
+class App(Resource):
+    """An HTTP or TCP application the app service publishes on the proxy's port."""
+
+    KIND: ClassVar[str] = "app"
+    kind: str = "app"
+    spec: AppSpec
+
+    @model_validator(mode="after")
+    def _dns_name_when_default_addr(self) -> App:
+        if not self.spec.public_addr and not DNS_LABEL_RE.match(self.metadata.name):
+            raise ValueError(
+                f"app name {self.metadata.name!r} must be a DNS label (letters, digits and -, at most 63) "
+                "because its public address defaults to <name>.<proxy host>; or set spec.public_addr"
+            )
+        return self
+
+    @property
+    def uri_kind(self) -> Literal["http", "tcp"]:
+        return "tcp" if self.spec.uri.lower().startswith("tcp://") else "http"
+
+
+def app_public_addr(app: App, proxy_public_addr: str) -> str:
+    """`host:port` users reach the app at: its `public_addr` (with the proxy's port unless it
+    names one), else `<name>.<proxy host>`, or `<name>.localhost` when the proxy is published as
+    an IP address (browsers resolve `*.localhost` to loopback, and no certificate covers `*.<ip>`)."""
+    proxy_host, proxy_port = split_host_port(proxy_public_addr, DEFAULT_PROXY_PORT)
+    if app.spec.public_addr:
+        host, port = split_host_port(app.spec.public_addr, proxy_port)
+        return f"{host}:{port}"
+    proxy_host = proxy_host.rstrip(".").lower()
+    base = "localhost" if not proxy_host or _is_ip(proxy_host) else proxy_host
+    return f"{app.name.lower()}.{base}:{proxy_port}"
+
+
+class AppServiceSpec(Model):
+    hostname: str = ""
+    tunnel: bool = False
+    resources: list[dict[str, str]] = Field(default_factory=list)
+    """Label selectors of the dynamic `app` resources this service serves."""
+    apps: list[str] = Field(default_factory=list)
+    """Names of the apps it serves right now."""
+
+
+class AppService(Resource):
+    """Heartbeat of one app service (name = its host id), so proxies know where an app is served."""
+
+    KIND: ClassVar[str] = "app_service"
+    kind: str = "app_service"
+    spec: AppServiceSpec = Field(default_factory=AppServiceSpec)
+
+
 # ---------------------------------------------------------------- locks
 
 
@@ -379,9 +588,10 @@ class LockTarget(Model):
     role: str = ""
     node: str = ""
     login: str = ""
+    app: str = ""
 
     def is_empty(self) -> bool:
-        return not (self.user or self.role or self.node or self.login)
+        return not (self.user or self.role or self.node or self.login or self.app)
 
 
 class LockSpec(Model):
@@ -394,7 +604,7 @@ class LockSpec(Model):
     @classmethod
     def _target(cls, v: LockTarget) -> LockTarget:
         if v.is_empty():
-            raise ValueError("a lock needs a target: user, role, node or login")
+            raise ValueError("a lock needs a target: user, role, node, login or app")
         return v
 
 
@@ -407,7 +617,8 @@ class Lock(Resource):
 # ---------------------------------------------------------------- registry
 
 KINDS: dict[str, type[Resource]] = {
-    cls.KIND: cls for cls in (Role, User, Token, CertAuthority, Node, Lock, Database, DatabaseService)
+    cls.KIND: cls
+    for cls in (Role, User, Token, CertAuthority, Node, Lock, Database, DatabaseService, App, AppService)
 }
 KIND_ALIASES = {
     "roles": "role",
@@ -422,6 +633,10 @@ KIND_ALIASES = {
     "database": "db",
     "databases": "db",
     "db_services": "db_service",
+    "apps": "app",
+    "application": "app",
+    "applications": "app",
+    "app_services": "app_service",
 }
 
 AnyResource = Annotated[Resource, "any kind"]

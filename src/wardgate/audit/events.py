@@ -54,6 +54,10 @@ EVENT_CODES: dict[str, tuple[str, str]] = {
     "db.session.end": ("W3002I", "W3002W"),
     "db.session.command": ("W3003I", "W3003W"),
     "db.session.error": ("W3004E", "W3004E"),
+    "app.session.start": ("W4000I", "W4000W"),
+    "app.session.request": ("W4001I", "W4001W"),
+    "app.session.end": ("W4002I", "W4002W"),
+    "app.session.create": ("W4003I", "W4003W"),
 }
 
 

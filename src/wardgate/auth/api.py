@@ -156,6 +156,13 @@ class AuthAPI:
         r.add_post("/v1/certs/db-user", self.db_user_cert)
         r.add_post("/v1/certs/db-client", self.db_client_cert)
         r.add_post("/v1/certs/db-server", self.db_server_cert)
+        r.add_post("/v1/app/heartbeat", self.app_heartbeat)
+        r.add_get("/v1/apps/visible", self.visible_apps)
+        r.add_post("/v1/certs/app-user", self.app_user_cert)
+        r.add_post("/v1/app-sessions", self.create_app_session)
+        r.add_post("/v1/app-sessions/exchange", self.exchange_app_session)
+        r.add_post("/v1/app-sessions/get", self.get_app_session)
+        r.add_post("/v1/app/jwt", self.app_jwt)
         r.add_get("/v1/nodes/visible", self.visible_nodes)
         r.add_post("/v1/access/explain", self.explain)
         r.add_post("/v1/events", self.emit_events)
@@ -694,6 +701,93 @@ class AuthAPI:
             ttl=self._ttl(d) or timedelta(days=365),
         )
         return web.json_response({"tls_cert": cert, "ca_pem": ca})
+
+    # ------------------------------------------------------------------ applications
+
+    async def app_heartbeat(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        res = await self.auth.upsert_heartbeat(request[IDENTITY], resource_from_dict(d.get("resource") or {}))
+        return web.json_response(resource_to_dict(res))
+
+    async def visible_apps(self, request: web.Request) -> web.Response:
+        ident: Identity = request[IDENTITY]
+        apps = self.auth.visible_apps(ident)
+        mfa = (
+            not ident.system_role
+            and self.auth.checker_for(ident).options.require_session_mfa
+            and not ident.mfa_verified
+        )
+        return web.json_response(
+            {
+                "apps": [
+                    {
+                        "name": app.name,
+                        "description": app.metadata.description,
+                        "labels": app.metadata.labels,
+                        "uri_kind": app.uri_kind,
+                        "public_addr": self.auth.app_public_addr(app),
+                        "require_session_mfa": mfa,
+                    }
+                    for app in apps
+                ]
+            }
+        )
+
+    async def app_user_cert(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        certs = await self.auth.issue_app_cert(
+            request[IDENTITY],
+            app=str(d.get("app", "")),
+            tls_public_key=str(d.get("tls_public_key", "")),
+            otp=str(d.get("otp", "")),
+            webauthn=self._webauthn(d),
+        )
+        out = _user_certs_json(certs, self.auth)
+        route = certs.identity.route_to_app
+        if route is not None:
+            out["route_to_app"] = {
+                "name": route.name,
+                "public_addr": route.public_addr,
+                "session_id": route.session_id,
+            }
+        return web.json_response(out)
+
+    async def create_app_session(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        token, rec = await self.auth.create_app_session(
+            request[IDENTITY],
+            app=str(d.get("app", "")),
+            web_session_id=str(d.get("web_session_id", "")),
+            otp=str(d.get("otp", "")),
+            webauthn=self._webauthn(d),
+            remote_addr=request.remote or "",
+        )
+        return web.json_response(
+            {
+                "token": token,
+                "session_id": rec.session_id,
+                "public_addr": rec.public_addr,
+                "expires": rec.expires.isoformat(),
+            },
+            status=201,
+        )
+
+    async def exchange_app_session(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        secret, rec = await self.auth.exchange_app_session(request[IDENTITY], str(d.get("token", "")))
+        return web.json_response({"secret": secret, **rec.public_json()})
+
+    async def get_app_session(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        rec = await self.auth.get_app_session(request[IDENTITY], str(d.get("secret", "")))
+        return web.json_response(rec.public_json())
+
+    async def app_jwt(self, request: web.Request) -> web.Response:
+        d = await self._body(request)
+        token, expires = self.auth.sign_app_jwt(
+            request[IDENTITY], cert_pem=str(d.get("cert", "")), app=str(d.get("app", ""))
+        )
+        return web.json_response({"jwt": token, "expires": expires.isoformat()})
 
     async def visible_nodes(self, request: web.Request) -> web.Response:
         ident: Identity = request[IDENTITY]

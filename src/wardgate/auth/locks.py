@@ -1,4 +1,4 @@
-"""Locks: an operator's immediate "stop" for a user, a role, a node or a login.
+"""Locks: an operator's immediate "stop" for a user, a role, a node, a login or an app.
 
 Every service checks new connections against its cached list of locks before (and regardless
 of) roles, so a lock takes effect as soon as the watch stream delivers it, even for holders of
@@ -21,9 +21,17 @@ def lock_in_force(lock: Lock, now: datetime | None = None) -> bool:
 
 
 def lock_applies(
-    target: LockTarget, *, user: str, roles: frozenset[str], nodes: frozenset[str], login: str
+    target: LockTarget,
+    *,
+    user: str,
+    roles: frozenset[str],
+    nodes: frozenset[str],
+    login: str,
+    apps: frozenset[str] = frozenset(),
 ) -> bool:
-    """Every non-empty field of the target must match the context; an empty target never applies."""
+    """Every non-empty field of the target must match the context; an empty target never applies.
+
+    A node or app lock applies only to access to that node or app (`nodes`/`apps` name it)."""
     if target.is_empty():
         return False
     if target.user and target.user != user:
@@ -32,7 +40,13 @@ def lock_applies(
         return False
     if target.node and target.node not in nodes:
         return False
+    if target.app and target.app not in apps:
+        return False
     return not (target.login and target.login != login)
+
+
+def _names(value: str | Iterable[str]) -> frozenset[str]:
+    return frozenset((value,) if isinstance(value, str) else value) - {""}
 
 
 def find_lock(
@@ -42,22 +56,24 @@ def find_lock(
     roles: Iterable[str] = (),
     node: str | Iterable[str] = "",
     login: str = "",
+    app: str | Iterable[str] = "",
     now: datetime | None = None,
 ) -> Lock | None:
     """The in-force lock that applies to this access, or None.
 
     `node` may list every name the node answers to (name, hostname, host id), since operators
-    lock whichever they know. When several locks apply, the longest-lasting one is returned, so
-    the message tells the truth about when access comes back.
+    lock whichever they know; `app` names the app being reached, if any. When several locks
+    apply, the longest-lasting one is returned, so the message tells the truth about when
+    access comes back.
     """
     now = now or utcnow()
     role_set = frozenset(roles)
-    nodes = frozenset((node,) if isinstance(node, str) else node) - {""}
+    nodes, apps = _names(node), _names(app)
     best: Lock | None = None
     for lock in locks:
         if not lock_in_force(lock, now):
             continue
-        if not lock_applies(lock.spec.target, user=user, roles=role_set, nodes=nodes, login=login):
+        if not lock_applies(lock.spec.target, user=user, roles=role_set, nodes=nodes, login=login, apps=apps):
             continue
         if lock.metadata.expires is None:
             return lock
@@ -76,6 +92,7 @@ def _describe(target: LockTarget) -> str:
             ("role", target.role),
             ("node", target.node),
             ("login", target.login),
+            ("app", target.app),
         )
         if v
     ]
@@ -97,8 +114,11 @@ def check_locks(
     *,
     node: str | Iterable[str] = "",
     login: str = "",
+    app: str | Iterable[str] = "",
     now: datetime | None = None,
 ) -> AccessDecision | None:
     """The lock denial for this identity's access, or None when no lock applies."""
-    lock = find_lock(locks, user=identity.user, roles=identity.roles, node=node, login=login, now=now)
+    lock = find_lock(
+        locks, user=identity.user, roles=identity.roles, node=node, login=login, app=app, now=now
+    )
     return None if lock is None else lock_decision(lock)

@@ -25,6 +25,8 @@ from cryptography import x509
 from wardgate.api.cache import ResourceCache
 from wardgate.api.events import ResourceEvent, ResourceEventType
 from wardgate.api.resources import (
+    App,
+    AppService,
     CertAuthority,
     Database,
     DatabaseService,
@@ -35,10 +37,13 @@ from wardgate.api.resources import (
     Resource,
     Role,
     User,
+    app_public_addr,
     resolve_kind,
 )
 from wardgate.audit.store import SQLiteAuditLog
+from wardgate.auth import jwt
 from wardgate.auth.access import check_ssh_access
+from wardgate.auth.appsessions import AppSessionRecord, AppSessionStore
 from wardgate.auth.ca import CertSigner, new_cert_authority
 from wardgate.auth.certs import EXT_IMPERSONATED_BY, verify_tls_identity
 from wardgate.auth.identity import Identity, RouteToApp, RouteToDatabase
@@ -47,6 +52,7 @@ from wardgate.auth.rbac import BUILTIN_ROLES, AccessChecker, AccessDecision, rol
 from wardgate.auth.storage import ResourceStore
 from wardgate.auth.tokens import TokenManager
 from wardgate.auth.users import AuthPreference, Invite, UserManager
+from wardgate.auth.websessions import PREFIX as WEB_SESSION_PREFIX
 from wardgate.auth.websessions import WebSessionRecord, WebSessionStore, digest
 from wardgate.backend.base import Backend
 from wardgate.errors import (
@@ -55,6 +61,7 @@ from wardgate.errors import (
     AuthenticationError,
     BadParameterError,
     NotFoundError,
+    WardgateError,
 )
 from wardgate.keys import (
     generate_ssh_key,
@@ -70,7 +77,7 @@ from wardgate.keys import (
 
 log = logging.getLogger(__name__)
 
-CACHED_KINDS = ("role", "user", "lock", "cert_authority", "node", "db", "db_service")
+CACHED_KINDS = ("role", "user", "lock", "cert_authority", "node", "db", "db_service", "app", "app_service")
 CA_TYPES = ("user", "host", "db", "jwt")
 HOST_CERT_TTL = timedelta(days=30)
 ADMIN_CERT_TTL = timedelta(days=7)
@@ -95,6 +102,8 @@ SERVICE_RULES: dict[str, dict[str, set[str]]] = {
         "session": {"create", "list", "read"},
         "db": {"list", "read"},
         "db_service": {"list", "read"},
+        "app": {"list", "read"},
+        "app_service": {"list", "read"},
     },
     "node": {
         "role": {"list", "read"},
@@ -116,6 +125,18 @@ for _svc in ("app", "db", "kube", "desktop"):
         "session": {"create"},
     }
 SERVICE_RULES["db"].update({"db": {"list", "read", "create", "update"}, "db_service": {"create", "update"}})
+SERVICE_RULES["app"].update(
+    {"app": {"list", "read", "create", "update"}, "app_service": {"create", "update"}}
+)
+HEARTBEAT_KINDS: dict[str, tuple[str, str]] = {
+    "db": ("db", "database"),
+    "db_service": ("db", "database"),
+    "app": ("app", "app"),
+    "app_service": ("app", "app"),
+}
+"""Kinds agents register with heartbeats -> (the system role that may, what the kind names)."""
+APP_JWT_TTL = timedelta(minutes=5)
+"""Longest life of an app's JWT: the app service asks again for every request burst."""
 DB_CLIENT_CERT_TTL = timedelta(hours=1)
 """Lifetime of the certificate a database service logs in to a database with (as one db user)."""
 
@@ -165,6 +186,7 @@ class AuthServer:
         self.users = UserManager(self.store, audit, cfg.prefs, cluster_name=cfg.cluster_name, clock=clock)
         self.tokens = TokenManager(self.store, audit, static=cfg.static_tokens, clock=clock)
         self.web_sessions = WebSessionStore(self.store)
+        self.app_sessions = AppSessionStore(self.store)
         self.cache = ResourceCache(CACHED_KINDS)
         self._signers: dict[str, CertSigner] = {}
         self._cache_task: asyncio.Task[None] | None = None
@@ -264,7 +286,9 @@ class AuthServer:
     def checker_for(self, ident: Identity) -> AccessChecker:
         return AccessChecker.for_identity(ident, self.cache.as_dict("role"))  # type: ignore[arg-type]
 
-    def check_locks(self, ident: Identity, *, node: str = "", login: str = "") -> None:
+    def check_locks(self, ident: Identity, *, node: str = "", login: str = "", app: str = "") -> None:
+        """Raise LockedError when a lock applies: on the user, a role, the service's host, and the
+        node/login/app being reached when given."""
         locks = self.cache.list("lock")
         lock = find_lock(
             locks,  # type: ignore[arg-type]
@@ -272,6 +296,7 @@ class AuthServer:
             roles=ident.roles,
             node=node or (ident.host_id if ident.system_role else ""),
             login=login,
+            app=app,
             now=self.now(),
         )
         if lock is not None:
@@ -586,12 +611,15 @@ class AuthServer:
         return await self.web_sessions.get(session_id, now=self.now())
 
     async def delete_web_session(self, caller: Identity, session_id: str) -> None:
+        """Sign-out: the web session and every app session made from it."""
         self._require_proxy(caller, "end web sessions")
         try:
             rec = await self.web_sessions.get(session_id, now=self.now())
         except AuthenticationError:
+            await self.app_sessions.delete_for_web_session(digest(session_id))
             return  # already over: signing out twice is not an error
         await self.web_sessions.delete(session_id)
+        await self.app_sessions.delete_for_web_session(digest(session_id))
         await self.audit.emit("user.logout", user=rec.user, method="web")
 
     async def renew_web_session(self, caller: Identity, session_id: str) -> tuple[WebSessionRecord, str]:
@@ -600,6 +628,9 @@ class AuthServer:
         old = await self.web_sessions.get(session_id, now=self.now())
         user = await self.users.get(old.user)
         rec, token = await self._new_web_session(user, method=old.login_method, expires=old.expires)
+        # Same sign-in, same absolute expiry: its app sessions carry on, now ended by the new id
+        # (moved before the old one goes, so no app session is ever seen without its web session).
+        await self.app_sessions.move_web_session(digest(session_id), digest(rec.id))
         await self.web_sessions.delete(session_id)
         return rec, token
 
@@ -783,6 +814,7 @@ class AuthServer:
         self.authorize(caller, "user", "update")
         invite = await self.users.reset(name, by=caller.user)
         await self.web_sessions.delete_user(name)
+        await self.app_sessions.delete_user(name)
         return invite
 
     async def create_token(
@@ -888,6 +920,7 @@ class AuthServer:
         if kind == "user":
             await self.users.delete(name, by=caller.user)
             await self.web_sessions.delete_user(name)
+            await self.app_sessions.delete_user(name)
         elif kind == "token":
             await self.tokens.delete(name, by=caller.user)
         else:
@@ -916,24 +949,36 @@ class AuthServer:
         return await self.store.put(node)
 
     async def upsert_heartbeat(self, caller: Identity, res: Resource) -> Resource:
-        """A database service registers itself (`db_service`) or a database from its config (`db`)."""
-        if not isinstance(res, Database | DatabaseService):
-            raise BadParameterError(f"cannot heartbeat a {res.kind}: only db and db_service")
+        """An agent service registers itself (`db_service`, `app_service`, named by its host id) or
+        a resource from its config (`db`, `app`, with `spec.host_id` = its host id)."""
+        if not isinstance(res, Database | DatabaseService | App | AppService):
+            raise BadParameterError(
+                f"cannot heartbeat a {res.kind}: only db, db_service, app and app_service"
+            )
+        role, noun = HEARTBEAT_KINDS[res.kind]
         self.authorize(caller, res.kind, "update")
-        host_id = res.name if isinstance(res, DatabaseService) else res.spec.host_id
-        if caller.system_role == "db" and caller.host_id != host_id:
-            raise AccessDeniedError("a database service may only register itself and its own databases")
+        host_id = res.name if isinstance(res, DatabaseService | AppService) else res.spec.host_id
+        if caller.system_role == role and caller.host_id != host_id:
+            article = "an" if noun[0] in "aeiou" else "a"
+            raise AccessDeniedError(f"{article} {noun} service may only register itself and its own {noun}s")
         existing = self.cache.get(res.kind, res.name)
-        if isinstance(existing, Database) and existing.spec.host_id != host_id and (
-            not existing.spec.host_id or not existing.is_expired(self.now())
+        if (
+            isinstance(existing, Database | App)
+            and existing.spec.host_id != host_id
+            and (not existing.spec.host_id or not existing.is_expired(self.now()))
         ):
             raise AlreadyExistsError(
-                f'database "{res.name}" is already registered by another service or with wardctl: '
+                f'{noun} "{res.name}" is already registered by another service or with wardctl: '
                 "rename one of them"
             )
         res = res.model_copy(deep=True)
         res.metadata.revision = None
-        return await self.store.put(res)
+        out = await self.store.put(res)
+        # Known at once to calls that check who serves what (app sessions), not a watch hop later.
+        self.cache.apply(
+            ResourceEvent(ResourceEventType.PUT, out.kind, out.name, out.metadata.revision or 0, out)
+        )
+        return out
 
     def live_db_services(self) -> list[DatabaseService]:
         now = self.now()
@@ -1040,6 +1085,244 @@ class AuthServer:
             ip_addresses=ips,
         )
         return cert, "".join(k.tls_cert_pem for k in self.ca("db").spec.active_keys)
+
+    # ------------------------------------------------------------------ applications
+
+    def live_app_services(self) -> list[AppService]:
+        now = self.now()
+        return [s for s in self.cache.list("app_service") if not s.is_expired(now)]  # type: ignore[misc]
+
+    def serving_app(self, app: App) -> list[str]:
+        """Host ids of live app services serving `app`: its own service for a config app (by
+        `host_id`), or any that lists it in `spec.apps` (how `wardctl create`d apps are served)."""
+        return [
+            svc.name
+            for svc in self.live_app_services()
+            if app.name in svc.spec.apps or (app.spec.host_id and app.spec.host_id == svc.name)
+        ]
+
+    def find_app(self, name: str) -> App:
+        found = self.cache.get("app", name)
+        if not isinstance(found, App) or found.is_expired(self.now()):
+            raise NotFoundError(
+                f'app "{name}" not found: the web UI (or `ward app ls`) lists the ones you can reach'
+            )
+        return found
+
+    def app_public_addr(self, app: App) -> str:
+        return app_public_addr(app, self.cfg.public_addr)
+
+    def visible_apps(self, caller: Identity) -> list[App]:
+        """Apps served right now that the caller's roles allow and no lock closes, by name.
+
+        A service sees every served app (with `app` list rights)."""
+        if caller.system_role:
+            self.authorize(caller, "app", "list")
+        else:
+            self.check_locks(caller)
+        checker = None if caller.system_role else self.checker_for(caller)
+        locks = self.cache.list("lock")
+        now = self.now()
+        out = []
+        for app in self.cache.list("app"):
+            if not isinstance(app, App) or app.is_expired(now) or not self.serving_app(app):
+                continue
+            if checker is not None:
+                if not checker.check_app(app.metadata.labels, name=app.name).allowed:
+                    continue
+                if find_lock(locks, user=caller.user, roles=caller.roles, app=app.name, now=now):  # type: ignore[arg-type]
+                    continue
+            out.append(app)
+        out.sort(key=lambda a: a.name)
+        return out
+
+    def _app_user(self, caller: Identity) -> str:
+        if caller.system_role or not caller.user:
+            raise AccessDeniedError(f"only a user can open an app, not the {caller.system_role} service")
+        return caller.user
+
+    def _app_checker(self, caller: Identity, app: App) -> AccessChecker:
+        """Locks (the user's, their roles', the app's) and then the roles, for one user and app."""
+        self.check_locks(caller, app=app.name)
+        checker = self.checker_for(caller)
+        checker.check_app(app.metadata.labels, name=app.name).raise_if_denied()
+        return checker
+
+    async def _session_mfa(
+        self, checker: AccessChecker, user: str, otp: str, webauthn: dict[str, Any] | None, what: str
+    ) -> str:
+        """The MFA device that verified a fresh second factor, when the roles ask for one."""
+        if not checker.options.require_session_mfa:
+            return ""
+        if not otp and webauthn is None:
+            raise AccessDeniedError(
+                f"your roles require a second factor for every {what}: give a one-time code or use a passkey"
+            )
+        return await self.users.verify_mfa(user, otp_code=otp, webauthn_response=webauthn)
+
+    async def issue_app_cert(
+        self,
+        caller: Identity,
+        *,
+        app: str,
+        tls_public_key: str,
+        otp: str = "",
+        webauthn: dict[str, Any] | None = None,
+    ) -> UserCerts:
+        """`ward app login`: a certificate routed to one app (for curl, or a local proxy), after the
+        roles and locks say yes; the app service decides again on every connection."""
+        name = self._app_user(caller)
+        found = self.find_app(app)
+        checker = self._app_checker(caller, found)
+        user = await self.users.get(name)
+        route = RouteToApp(
+            name=found.name, public_addr=self.app_public_addr(found), session_id=str(uuid.uuid4())
+        )
+        ttl = (caller.expires - self.now()) if caller.expires else None
+        device = caller.mfa_verified
+        if not device:
+            device = await self._session_mfa(checker, name, otp, webauthn, "app session")
+            if device:
+                ttl = SESSION_MFA_TTL  # one connection's worth, like per-session SSH certificates
+        return await self.issue_user_certs(
+            user, tls_public_key=tls_public_key, ttl=ttl, route_to_app=route, mfa_device=device, by=name
+        )
+
+    def _app_event(self, app: App | None, name: str) -> dict[str, Any]:
+        if app is None:
+            return {"app": name}
+        return {"app": app.name, "app_uri": app.spec.uri, "app_public_addr": self.app_public_addr(app)}
+
+    async def create_app_session(
+        self,
+        caller: Identity,
+        *,
+        app: str,
+        web_session_id: str,
+        otp: str = "",
+        webauthn: dict[str, Any] | None = None,
+        remote_addr: str = "",
+    ) -> tuple[str, AppSessionRecord]:
+        """The web UI's launch of an app: after the roles, locks and (when required) a fresh second
+        factor agree, a one-time token the app service exchanges for the app's session cookie.
+
+        The caller is the user's web-session certificate (through the proxy), and the web session
+        must be theirs: an app session never outlives, or belongs to anyone but, its web session."""
+        found: App | None = None
+        try:
+            name = self._app_user(caller)
+            web = await self.web_sessions.get(web_session_id, now=self.now())
+            if web.user != name:
+                raise AccessDeniedError("that web session belongs to another user")
+            found = self.find_app(app)
+            checker = self._app_checker(caller, found)
+            device = await self._session_mfa(checker, name, otp, webauthn, "app session")
+            user = await self.users.get(name)
+            session_id = str(uuid.uuid4())
+            public_addr = self.app_public_addr(found)
+            key = generate_tls_key()  # thrown away: the cert only proves who the session is for
+            certs = await self.issue_user_certs(
+                user,
+                tls_public_key=public_key_pem(key),
+                ttl=web.expires - self.now(),
+                route_to_app=RouteToApp(name=found.name, public_addr=public_addr, session_id=session_id),
+                mfa_device=device,
+                by=name,
+            )
+            assert certs.identity.expires is not None
+            rec = AppSessionRecord(
+                session_id=session_id,
+                user=name,
+                app=found.name,
+                public_addr=public_addr,
+                cert=certs.tls_cert,
+                expires=min(certs.identity.expires, web.expires),
+                web_session=digest(web_session_id),
+            )
+            token = await self.app_sessions.create_token(rec, now=self.now())
+        except WardgateError as exc:
+            await self.audit.emit(
+                "app.session.create",
+                user=caller.user,
+                success=False,
+                error=str(exc),
+                remote_addr=remote_addr or None,
+                **self._app_event(found, app),
+            )
+            raise
+        await self.audit.emit(
+            "app.session.create",
+            user=name,
+            sid=session_id,
+            expires=rec.expires.isoformat(),
+            mfa_verified=device or None,
+            remote_addr=remote_addr or None,
+            **self._app_event(found, app),
+        )
+        return token, rec
+
+    def _require_app_service(self, caller: Identity, what: str) -> None:
+        if caller.system_role != "app":
+            who = f"the {caller.system_role} service" if caller.system_role else f"user {caller.user}"
+            raise AccessDeniedError(f"only an app service may {what}, not {who}")
+        self.check_locks(caller)
+
+    def _check_serves(self, caller: Identity, app_name: str) -> App:
+        """An app service acts only for apps it serves (so one cannot collect another's sessions)."""
+        app = self.find_app(app_name)
+        if caller.host_id not in self.serving_app(app):
+            raise AccessDeniedError(f'this app service does not serve app "{app_name}"')
+        return app
+
+    async def exchange_app_session(self, caller: Identity, token: str) -> tuple[str, AppSessionRecord]:
+        """Spend a one-time token (once, within 60 s) for the app session's secret (its cookie)."""
+        self._require_app_service(caller, "exchange app session tokens")
+
+        def serves(rec: AppSessionRecord) -> None:
+            self._check_serves(caller, rec.app)
+
+        return await self.app_sessions.exchange(token, now=self.now(), authorize=serves)
+
+    async def get_app_session(self, caller: Identity, secret: str) -> AppSessionRecord:
+        """The app session a cookie names, while it and its web session live (NotFoundError after)."""
+        self._require_app_service(caller, "read app sessions")
+        rec = await self.app_sessions.get(secret, now=self.now())
+        self._check_serves(caller, rec.app)
+        if await self.store.get_record(WEB_SESSION_PREFIX + rec.web_session) is None:
+            await self.app_sessions.delete(secret)  # signed out while this one was being made
+            raise NotFoundError("app session not found: its web session has ended")
+        return rec
+
+    def sign_app_jwt(self, caller: Identity, *, cert_pem: str, app: str) -> tuple[str, datetime]:
+        """The `Wardgate-Jwt-Assertion` for a request to `app` by the holder of `cert_pem` (a user
+        certificate routed to that app): ES256, `aud` = the app's uri, at most 5 minutes."""
+        self._require_app_service(caller, "have app JWTs signed")
+        found = self._check_serves(caller, app)
+        now = self.now()
+        ident = verify_tls_identity(cert_pem, self.ca_certs("user"), now=now)
+        if ident.system_role:
+            raise AuthenticationError("a service certificate cannot stand for a user")
+        if ident.route_to_app is None or ident.route_to_app.name != found.name:
+            raise AccessDeniedError(f'that certificate is not for app "{found.name}"')
+        if not isinstance(self.cache.get("user", ident.user), User):
+            raise AccessDeniedError(f"user {ident.user} no longer exists")
+        self.check_locks(ident, app=found.name)
+        cert_end = ident.expires or x509.load_pem_x509_certificate(cert_pem.encode()).not_valid_after_utc
+        expires = min(cert_end, now + APP_JWT_TTL).replace(microsecond=0)
+        ttl = int((expires - now).total_seconds())
+        if ttl <= 0:
+            raise AuthenticationError("the certificate expires too soon to sign a JWT for it")
+        claims = jwt.user_claims(
+            username=ident.user,
+            roles=ident.roles,
+            traits=ident.traits,
+            issuer=self.cluster_name,
+            audience=found.spec.uri,
+            ttl=ttl,
+            now=now.timestamp(),
+        )
+        key = self.ca("jwt").spec.active_keys[0].jwt_private_key_pem
+        return jwt.sign(key, claims), datetime.fromtimestamp(claims["exp"], UTC)
 
     def visible_nodes(self, caller: Identity) -> list[tuple[Node, list[str]]]:
         """Nodes the caller's roles let them see, each with the logins allowed there (for `ward ls`)."""
