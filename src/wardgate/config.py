@@ -17,7 +17,15 @@ from pydantic import BeforeValidator, Field, PrivateAttr, ValidationError, field
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from wardgate.api.codec import ParseError, validate_yaml
-from wardgate.api.resources import LABEL_KEY_RE, NAME_RE, SYSTEM_ROLES, Model
+from wardgate.api.resources import (
+    DNS_LABEL_RE,
+    LABEL_KEY_RE,
+    NAME_RE,
+    SYSTEM_ROLES,
+    AppRewrite,
+    AppSpec,
+    Model,
+)
 from wardgate.durations import Duration
 from wardgate.errors import BadParameterError
 
@@ -434,9 +442,87 @@ class SSHServiceConfig(Model):
         return self
 
 
+class ResourceSelector(Model):
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Resources (`db` or `app`, from `wardctl create`) whose labels match all of these ("*" = any value)."""
+
+
+def _app_spec_error(exc: ValidationError) -> str:
+    return str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+
+
+class AppConfig(Model):
+    """One app this service publishes (registered with heartbeats, like a node)."""
+
+    name: str
+    uri: str
+    """http://, https:// or tcp://host:port: where this service reaches the app."""
+    public_addr: str = ""
+    """Host name (optionally :port) users reach it at; empty means <name>.<proxy public host>."""
+    description: str = ""
+    labels: Annotated[dict[str, str], BeforeValidator(_label_values)] = Field(default_factory=dict)
+    insecure_skip_verify: bool = False
+    rewrite: AppRewrite = Field(default_factory=AppRewrite)
+
+    @field_validator("name")
+    @classmethod
+    def _appname(cls, v: str) -> str:
+        if not v:
+            raise ValueError("an app needs a name")
+        return _check_name(v, "name")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        try:
+            return AppSpec(uri=v).uri
+        except ValidationError as exc:
+            raise ValueError(_app_spec_error(exc)) from None
+
+    @field_validator("public_addr")
+    @classmethod
+    def _public_addr(cls, v: str) -> str:
+        try:
+            return AppSpec(uri="http://127.0.0.1:1", public_addr=v).public_addr
+        except ValidationError as exc:
+            raise ValueError(_app_spec_error(exc)) from None
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if not LABEL_KEY_RE.match(k):
+                raise ValueError(f"label key {k!r} must be 1-63 letters, digits and /._:-")
+        return v
+
+    @model_validator(mode="after")
+    def _dns_name(self) -> AppConfig:
+        if not self.public_addr and not DNS_LABEL_RE.match(self.name):
+            _fail(
+                "name",
+                self.name,
+                f"app name {self.name!r} must be a DNS label (letters, digits and -) because its public "
+                "address defaults to <name>.<proxy host>; or set public_addr",
+            )
+        if self.insecure_skip_verify and not self.uri.lower().startswith("https://"):
+            _fail("insecure_skip_verify", True, "insecure_skip_verify is only for https:// apps")
+        return self
+
+
 class AppServiceConfig(Model):
     enabled: bool = False
     listen_addr: PortAddr = ""
+    apps: list[AppConfig] = Field(default_factory=list)
+    resources: list[ResourceSelector] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> AppServiceConfig:
+        seen: set[str] = set()
+        for i, a in enumerate(self.apps):
+            if a.name in seen:
+                _fail(("apps", i, "name"), a.name, f"app {a.name!r} is listed twice")
+            seen.add(a.name)
+        return self
 
 
 class DatabaseConfig(Model):
@@ -456,11 +542,6 @@ class DatabaseConfig(Model):
     @classmethod
     def _dbname(cls, v: str) -> str:
         return _check_name(v, "name")
-
-
-class ResourceSelector(Model):
-    labels: dict[str, str] = Field(default_factory=dict)
-    """`db` resources (from `wardctl create`) whose labels match all of these ("*" = any value)."""
 
 
 class DBServiceConfig(Model):
@@ -714,10 +795,27 @@ ssh_service:
       period: 1h
 
 app_service:
-  # Web and TCP application access (configured in a later version).
+  # Web and TCP application access behind the proxy (docs/apps.md).
   enabled: false
-  # Address it listens on, if it listens (host:port, port required); empty means none.
+  # Not used: clients reach apps through the proxy's port (or a reverse tunnel).
   listen_addr: ""
+  # Apps this service publishes. Example:
+  # apps:
+  #   - name: grafana
+  #     description: dashboards
+  #     uri: http://127.0.0.1:3000        # http://, https:// or tcp://host:port
+  #     public_addr: grafana.example.com  # default: <name>.<proxy public host>
+  #     labels: {env: prod}
+  #     insecure_skip_verify: false       # https upstreams whose certificate cannot be verified
+  #     rewrite:
+  #       redirect: [localhost]           # more hosts whose redirects point at the public address
+  #       headers:                        # extra request headers; {{internal.*}}/{{external.*}} expand
+  #         - name: X-Grafana-User
+  #           value: "{{internal.logins}}"
+  apps: []
+  # Also serve `app` resources created with `wardctl create` whose labels match:
+  # resources: [{labels: {env: dev}}]
+  resources: []
 
 db_service:
   # Database access: PostgreSQL and MySQL/MariaDB behind the proxy (docs/databases.md).

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ADMIN_IDENTITY = "admin.identity"
-BUILT_SERVICES = ("auth_service", "proxy_service", "ssh_service", "db_service")
+BUILT_SERVICES = ("auth_service", "proxy_service", "ssh_service", "db_service", "app_service")
 """Services this build can run; the others are accepted in config and reported as not yet available."""
 RENEW_EVERY = timedelta(hours=12)
 REJOIN_BEFORE = timedelta(days=3)
@@ -85,6 +85,7 @@ class WardgateProcess:
         self.proxy: ProxyService | None = None
         self.node: object | None = None
         self.db: object | None = None
+        self.app: object | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closers: list[object] = []
 
@@ -106,6 +107,8 @@ class WardgateProcess:
             await self._start_node(started)
         if cfg.db_service.enabled:
             await self._start_db(started)
+        if cfg.app_service.enabled:
+            await self._start_app(started)
         return started
 
     async def _start_auth(self, started: Started) -> None:
@@ -270,7 +273,7 @@ class WardgateProcess:
         creds = await self._credentials(
             "proxy",
             node_name=cfg.nodename,
-            addresses=_names(host, _reachable_host(host), pub_host),
+            addresses=_names(host, _reachable_host(host), pub_host, *_app_wildcards(pub_host)),
             ssh=False,
         )
         auth_host, auth_port = started.auth_addr.rsplit(":", 1)
@@ -370,6 +373,42 @@ class WardgateProcess:
         self.db = agent
         self._closers.insert(0, agent)
 
+    async def _start_app(self, started: Started) -> None:
+        """The app service: handed connections by the proxy in this process, or through the
+        reverse tunnel it keeps to `proxy_server`."""
+        from wardgate.agent.app.agent import AppAgent, AppAgentSettings
+
+        cfg = self.cfg
+        w = cfg.wardgate
+        local_proxy = self.proxy is not None
+        if not local_proxy and not w.proxy_server:
+            raise BadParameterError(
+                "app_service needs a proxy: enable proxy_service here, or set wardgate.proxy_server"
+            )
+        creds = await self._credentials("app", node_name=cfg.nodename, addresses=[], ssh=False)
+        if self.auth is not None:
+            auth_addr, alpn = started.auth_addr, ""
+        else:
+            auth_addr, alpn = (w.proxy_server, "ward-auth") if w.proxy_server else (w.auth_server, "")
+        agent = AppAgent(
+            AppAgentSettings(
+                nodename=cfg.nodename,
+                host_id=creds.host_id,
+                auth_addr=auth_addr,
+                auth_alpn=alpn,
+                tunnel_proxy="" if local_proxy else w.proxy_server,
+                apps=cfg.app_service.apps,
+                selectors=[dict(s.labels) for s in cfg.app_service.resources],
+            ),
+            creds.identity,
+        )
+        local = getattr(getattr(self.proxy, "apps", None), "local", None)
+        if isinstance(local, dict):
+            local[creds.host_id] = agent.service
+        await agent.start()
+        self.app = agent
+        self._closers.insert(0, agent)
+
     # ------------------------------------------------------------------ admin identity
 
     async def _write_admin_identity(self, path: Path, auth_addr: str) -> None:
@@ -435,6 +474,19 @@ def _reachable_host(host: str) -> str:
     if host == "::":
         return "::1"
     return host
+
+
+def _app_wildcards(public_host: str) -> list[str]:
+    """Names apps get by default under the proxy's public host: `*.<host>` for a DNS name, and
+    `*.localhost` for a loopback IP (apps then default to `<name>.localhost`)."""
+    host = public_host.strip("[]").rstrip(".").lower()
+    if not host or host.startswith("*."):
+        return []
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return [f"*.{host}"]
+    return ["localhost", "*.localhost"] if ip.is_loopback else []
 
 
 def _names(*hosts: str) -> list[str]:

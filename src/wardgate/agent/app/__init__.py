@@ -1,0 +1,1 @@
+"""Application access: the app service (HTTP and TCP apps behind the proxy) and its agent."""
