@@ -225,3 +225,153 @@ async def test_jwks_publishes_the_clusters_jwt_key(cluster: WebCluster) -> None:
     (key,) = data["keys"]
     assert key["kty"] == "EC" and key["crv"] == "P-256" and key["alg"] == "ES256"
     assert len(jwt.b64url_decode(key["x"])) == 32 and key["kid"]
+
+
+APPS = """kind: role
+version: v1
+metadata: {name: app-user}
+spec:
+  allow:
+    app_labels: {env: dev}
+---
+kind: role
+version: v1
+metadata: {name: app-mfa}
+spec:
+  options: {require_session_mfa: true}
+  allow:
+    app_labels: {env: dev}
+---
+kind: app
+version: v1
+metadata: {name: grafana, labels: {env: dev}, description: "Dashboards <b>bold</b>"}
+spec: {uri: "http://127.0.0.1:9"}
+---
+kind: app
+version: v1
+metadata: {name: pg, labels: {env: dev}}
+spec: {uri: "tcp://127.0.0.1:9"}
+---
+kind: app
+version: v1
+metadata: {name: payroll, labels: {env: prod}}
+spec: {uri: "http://127.0.0.1:9"}
+---
+kind: app_service
+version: v1
+metadata: {name: web-api-apps, expires: "EXPIRES"}
+spec: {apps: [grafana, pg, payroll]}
+"""
+
+
+@pytest.fixture(scope="module")
+def published_apps(cluster: WebCluster, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Apps `wardctl create`d, served by an app service whose heartbeat is written by hand."""
+    from datetime import UTC, datetime, timedelta
+
+    path = tmp_path_factory.mktemp("apps") / "apps.yaml"
+    path.write_text(APPS.replace("EXPIRES", (datetime.now(UTC) + timedelta(hours=1)).isoformat()))
+    wardctl(cluster.data_dir, "create", "-f", str(path))
+
+
+async def visible_apps(web: WebClient, count: int) -> list[dict]:
+    """The apps list, once the proxy's watch has brought it `count` of them."""
+    deadline = time.monotonic() + 10
+    while True:
+        status, data = await web.call("GET", "/webapi/sites/ssh.example/apps")
+        assert status == 200, data
+        if len(data["items"]) == count or time.monotonic() > deadline:
+            return data["items"]
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.usefixtures("published_apps")
+async def test_apps_list_and_launch_answer_only_app_addresses(cluster: WebCluster) -> None:
+    """The launch call redirects only to the public address of an app the user may open, with a
+    local path; everything else is refused before the auth service is asked."""
+    from urllib.parse import parse_qs, urlsplit
+
+    erin = await asyncio.to_thread(cluster.add_user, "erin", "app-user", "root")
+    port = cluster.proxy_port
+    async with WebClient(cluster) as web:
+        await web.sign_in("erin", erin)
+        grafana, pg = await visible_apps(web, 2)
+        assert grafana == {
+            "name": "grafana",
+            "description": "Dashboards <b>bold</b>",
+            "labels": {"env": "dev"},
+            "public_addr": f"grafana.localhost:{port}",
+            "kind": "http",
+            "launch_url": f"https://grafana.localhost:{port}/",
+            "require_session_mfa": False,
+        }
+        assert pg["name"] == "pg" and pg["kind"] == "tcp" and pg["launch_url"] == ""
+        status, data = await web.call("GET", "/webapi/sites/elsewhere/apps")
+        assert status == 404 and "ssh.example" in data["error"]["message"]
+        status, _ = await web.call("GET", "/webapi/sites/ssh.example/apps", bearer=False)
+        assert status == 401
+
+        good = {"fqdn": "grafana.localhost", "state": "s-Tate_1", "path": "/d/home?orgId=1&x=%2F"}
+        status, data = await web.call("POST", "/webapi/sessions/app", good)
+        assert status == 201, data
+        url = urlsplit(data["redirect"])
+        assert (url.scheme, url.netloc, url.path) == (
+            "https",
+            f"grafana.localhost:{port}",
+            "/x-wardgate/auth",
+        )
+        query = parse_qs(url.query)
+        assert query["state"] == ["s-Tate_1"] and query["path"] == ["/d/home?orgId=1&x=%2F"]
+        assert len(query["token"][0]) >= 20
+        status, data = await web.call(
+            "POST", "/webapi/sessions/app", {**good, "fqdn": f"GRAFANA.localhost:{port}"}
+        )
+        assert status == 201 and data["redirect"].startswith(f"https://grafana.localhost:{port}/")
+
+        refused = [
+            ({"fqdn": "evil.example"}, 404, "no application you may open"),
+            ({"fqdn": "payroll.localhost"}, 404, "no application you may open"),  # not granted
+            ({"fqdn": "localhost"}, 404, "no application"),  # the proxy itself
+            ({"fqdn": f"grafana.localhost:{port + 1}"}, 404, "no application"),
+            ({"fqdn": "pg.localhost"}, 400, "ward proxy app pg"),
+            ({"path": "//evil.example/"}, 400, "single /"),
+            ({"path": "/\\evil.example"}, 400, "single /"),
+            ({"path": "/\t/evil.example"}, 400, "single /"),
+            ({"path": "https://evil.example/"}, 400, "single /"),
+            ({"state": ""}, 400, "state"),
+            ({"state": "a b"}, 400, "state"),
+            ({"state": "x" * 129}, 400, "state"),
+        ]
+        for change, want_status, words in refused:
+            status, data = await web.call("POST", "/webapi/sessions/app", {**good, **change})
+            assert status == want_status and words in data["error"]["message"], (change, data)
+        status, _ = await web.call("POST", "/webapi/sessions/app", good, bearer=False)
+        assert status == 401
+        status, _ = await web.call("POST", "/webapi/sessions/app", good, Origin="https://evil.example")
+        assert status == 403
+    created = audit(cluster.data_dir, "--type", "app.session.create", "--user", "erin")
+    assert len(created) == 2 and all(e["success"] and e["app"] == "grafana" for e in created)
+
+
+@pytest.mark.usefixtures("published_apps")
+async def test_app_launch_asks_for_a_second_factor_when_roles_want_one(cluster: WebCluster) -> None:
+    finn = await asyncio.to_thread(cluster.add_user, "finn", "app-mfa", "root")
+    async with WebClient(cluster) as web:
+        # Sign in with this step's code, so the next step's is left for the app session.
+        status, data = await web.call(
+            "POST",
+            "/webapi/sessions/web",
+            {"user": "finn", "password": PASSWORD, "otp": current_code(finn, time.time())},
+            bearer=False,
+        )
+        assert status == 201, data
+        web.token = data["token"]
+        assert [a["require_session_mfa"] for a in await visible_apps(web, 2)] == [True, True]
+        launch = {"fqdn": "grafana.localhost", "state": "st", "path": "/"}
+        status, data = await web.call("POST", "/webapi/sessions/app", launch)
+        assert status == 403 and data["error"]["code"] == "mfa_required"
+        status, data = await web.call("POST", "/webapi/sessions/app", {**launch, "otp": "000000"})
+        assert status == 401
+        otp = current_code(finn, time.time() + 30)
+        status, data = await web.call("POST", "/webapi/sessions/app", {**launch, "otp": otp})
+        assert status == 201 and "token=" in data["redirect"], data

@@ -240,6 +240,44 @@ def test_routes_by_alpn_then_sni_then_default() -> None:
     run(main())
 
 
+def test_sni_matcher_routes_names_a_predicate_accepts() -> None:
+    """App hosts: a predicate over the SNI, after ALPN routes, before the default."""
+
+    async def main() -> None:
+        apps = {"grafana.example.com"}
+        seen: list[str] = []
+
+        def is_app(name: str) -> bool:
+            seen.append(name)
+            if name == "boom.example.com":
+                raise RuntimeError("matcher bug")
+            return name in apps
+
+        async with proxy() as (router, port):
+            router.add_sni_matcher("app", is_app, tag_echo("app"))
+            with pytest.raises(ValueError, match="duplicate"):
+                router.add_sni_matcher("app", is_app, tag_echo("again"))
+            host = "grafana.example.com"
+            for alpn in (["http/1.1"], None):
+                got = await greet(port, sni="GraFana.Example.com", alpn=alpn)
+                assert got.startswith("app ") and got.endswith("cert=-")
+            assert seen[-1] == host  # lower-cased
+            # An ALPN with its own route keeps it whatever the name.
+            assert (await greet(port, sni=host, alpn=["ward-ssh"])).startswith("ssh alpn=ward-ssh")
+            # Prefix routes added earlier are tried first; names nobody claims go to the web.
+            assert (await greet(port, sni="kube.example.com")).startswith("kube ")
+            assert (await greet(port, sni="other.example.com", alpn=["http/1.1"])).startswith("web ")
+            apps.add("other.example.com")  # the predicate is asked per connection
+            assert (await greet(port, sni="other.example.com", alpn=["http/1.1"])).startswith("app ")
+            # A failing matcher is logged and counted, and the connection still gets served.
+            assert (await greet(port, sni="boom.example.com")).startswith("web ")
+        assert router.stats["route:sni:app"] == 3
+        assert router.stats["sni_matcher_error"] == 1
+        assert "kube.example.com" not in seen
+
+    run(main())
+
+
 def test_advertised_alpns_put_ping_variants_first() -> None:
     async def main() -> None:
         async with proxy() as (router, _):

@@ -12,9 +12,10 @@ How a connection travels through here:
 2. Hand the socket to the event loop's native TLS (`loop.connect_accepted_socket(ssl=…)`: on
    uvloop the whole data plane stays in C) with the rest of the handshake deadline. The context
    requests a client certificate (CERT_OPTIONAL, trusting the configured CAs).
-3. Route by negotiated ALPN (`ward-ssh`, `ward-tunnel`, …), then by SNI prefix (`kube.`), then
-   to the default (web) handler. `X-ping` wraps the stream in the ping framing and sends empty
-   keep-alive frames every `ping_interval` seconds.
+3. Route by negotiated ALPN (`ward-ssh`, `ward-tunnel`, …), then by SNI (a prefix such as
+   `kube.`, or any predicate: an app's public host name), then to the default (web) handler.
+   `X-ping` wraps the stream in the ping framing and sends empty keep-alive frames every
+   `ping_interval` seconds.
 4. The handler gets a `TLSConnection`: until it takes the stream (`attach` a protocol, `relay_to`
    a target, or `detach` for its own relay), the stream is paused and early bytes are held.
 """
@@ -61,6 +62,9 @@ _PLAIN_HTTP_REPLY = (
 Handler = Callable[["TLSConnection"], Awaitable[None] | None]
 """Called once per routed connection. It must take the stream (`attach`, `relay_to`, `detach`)
 or close it; a stream still untaken when the handler returns is closed for it."""
+SNIMatcher = Callable[[str], bool]
+"""Says whether a (lower-cased) SNI host name belongs to a route; called once per connection
+that no ALPN route took, so it must be cheap and must not block."""
 
 
 def server_context(
@@ -374,14 +378,16 @@ class _Route:
 
 
 class TLSRouter:
-    """The proxy's one TLS port, routing each connection to a handler by ALPN, then SNI prefix.
+    """The proxy's one TLS port, routing each connection to a handler by ALPN, then SNI.
 
     Routes form an open table: `add_route("ward-ssh", h)` also serves `ward-ssh-ping`;
-    `add_sni_route("kube.", h)`; `set_default(web_handler)` for HTTP and for clients that
+    `add_sni_route("kube.", h)`, or `add_sni_matcher("app", is_app_host, h)` for names a
+    predicate recognises (tried in the order added); `set_default(web_handler)` for HTTP and for clients that
     negotiate nothing we know. The server context's ALPN list is kept in step with the table
     (the router sets it on the context it is given). `stats` counts what happened to each
     connection: `accepted`, `rejected_<kind>`, `closed_before_hello`, `handshake_timeout`,
-    `handshake_failed`, `routed`, `route:<name>`, `no_route`, `handler_error`.
+    `handshake_failed`, `routed`, `route:<name>`, `no_route`, `handler_error`,
+    `sni_matcher_error`.
     """
 
     def __init__(
@@ -397,7 +403,7 @@ class TLSRouter:
         self.ping_interval = ping_interval
         self.stats: Counter[str] = Counter()
         self._routes: dict[str, _Route] = {}
-        self._sni_routes: list[tuple[str, _Route]] = []
+        self._sni_routes: list[tuple[SNIMatcher, _Route]] = []
         self._passthrough: dict[str, tuple[str, int]] = {}
         self._default: _Route | None = None
         self._web_alpns: tuple[str, ...] = ()
@@ -435,7 +441,17 @@ class TLSRouter:
 
     def add_sni_route(self, prefix: str, handler: Handler) -> None:
         """Route by SNI prefix (e.g. `kube.`) when the ALPN names no route of its own."""
-        self._sni_routes.append((prefix.lower(), _Route(f"sni:{prefix.lower()}", handler, False)))
+        prefix = prefix.lower()
+        self.add_sni_matcher(prefix, lambda name: name.startswith(prefix), handler)
+
+    def add_sni_matcher(self, name: str, matcher: SNIMatcher, handler: Handler) -> None:
+        """Route connections whose SNI `matcher` accepts, when the ALPN names no route of its own
+        (so `ward-*` protocols keep their handlers whatever name the client asked for) and before
+        the default: how a web request for an app's host name reaches the app proxy, not the UI.
+        The matcher sees the SNI lower-cased; a matcher that raises counts as no match."""
+        if not name or any(r.name == f"sni:{name}" for _, r in self._sni_routes):
+            raise ValueError(f"bad or duplicate SNI route name {name!r}")
+        self._sni_routes.append((matcher, _Route(f"sni:{name}", handler, False)))
 
     def set_default(self, handler: Handler, *, alpns: Sequence[str] = WEB_ALPNS) -> None:
         """The web handler: gets `alpns` (advertised), no ALPN, and ALPNs we do not know."""
@@ -463,8 +479,14 @@ class TLSRouter:
             return self._routes[alpn], alpn, ping
         if sni:
             name = sni.lower()
-            for prefix, route in self._sni_routes:
-                if name.startswith(prefix):
+            for matcher, route in self._sni_routes:
+                try:
+                    hit = matcher(name)
+                except Exception:
+                    self.stats["sni_matcher_error"] += 1
+                    log.exception("SNI matcher of route %s failed for %r", route.name, name)
+                    continue
+                if hit:
                     return route, alpn, False
         return self._default, alpn, False
 

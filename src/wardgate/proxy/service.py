@@ -2,8 +2,9 @@
 
 It talks to auth like any remote service (mutual TLS with its host certificate), keeps a watched
 cache of what it authorises against, and routes: web (`/webapi/…`), `ward-ssh`, `ward-tunnel`,
-and `ward-auth` passed through untouched so clients' certificates reach the auth API. Recordings
-of agentless sessions (which the proxy makes itself) are kept in `recordings_dir` until uploaded.
+databases, apps (an app's host name, or `ward-tcp`), and `ward-auth` passed through untouched so
+clients' certificates reach the auth API. Recordings of agentless sessions (which the proxy makes
+itself) are kept in `recordings_dir` until uploaded.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from wardgate.api.emitter import RemoteEmitter
 from wardgate.api.identityfile import IdentityFile
 from wardgate.api.resources import CertAuthority
 from wardgate.proxy.agentless import AgentlessRecorder
+from wardgate.proxy.app import TCP_ALPN, AppProxy
 from wardgate.proxy.db import ALPN_PROTOCOLS, DBProxy
 from wardgate.proxy.router import TLSRouter, server_context
 from wardgate.proxy.sshproxy import SSHProxy
@@ -34,7 +36,7 @@ from wardgate.proxy.websession import DEFAULT_IDLE_TIMEOUT, WebSessions
 from wardgate.proxy.webterm import WebTerminal
 
 log = logging.getLogger(__name__)
-CACHED_KINDS = ("cert_authority", "role", "lock", "node", "user", "db", "db_service")
+CACHED_KINDS = ("cert_authority", "role", "lock", "node", "user", "db", "db_service", "app", "app_service")
 
 
 @dataclass
@@ -69,6 +71,7 @@ class ProxyService:
         )
         self.ssh = SSHProxy(self.cache, self.emitter, tunnels=self.tunnels, agentless=self.agentless)
         self.db = DBProxy(self.cache, self.emitter, tunnels=self.tunnels)
+        self.apps = AppProxy(self.cache, self.emitter, tunnels=self.tunnels, public_addr=settings.public_addr)
         self.web_sessions = WebSessions(
             self.auth,
             auth_addr=self.auth.addr,
@@ -139,6 +142,7 @@ class ProxyService:
             cluster_name=ping["cluster_name"],
             second_factor=ping["second_factor"],
             allowed_origins=webapi.allowed_origins,
+            apps=self.apps,
         ).register(webapi.app)
         self.terminal = terminal = WebTerminal(
             sessions=self.web_sessions,
@@ -162,6 +166,8 @@ class ProxyService:
         router.add_route("ward-tunnel", self.tunnels.handle)
         for alpn in ALPN_PROTOCOLS:
             router.add_route(alpn, self.db.handle)
+        router.add_route(TCP_ALPN, self.apps.handle)
+        router.add_sni_matcher("app", self.apps.is_app_host, self.apps.handle)
         router.add_passthrough("ward-auth", s.auth_host, s.auth_port)
         if self.agentless is not None:
             await self.agentless.start()
@@ -181,6 +187,7 @@ class ProxyService:
             await self.terminal.close()
         if self.router is not None:
             await self.router.close()
+        await self.apps.close()
         await self.tunnels.close()
         if self.agentless is not None:
             await self.agentless.close()

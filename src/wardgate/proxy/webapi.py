@@ -8,17 +8,20 @@ back. Only the capability flags and the server list's filters are computed here.
 from __future__ import annotations
 
 import gzip
+import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 
 from wardgate.api.cache import ResourceCache
 from wardgate.api.codec import ParseError, dump_yaml, load_resources, resource_to_dict
-from wardgate.api.resources import Role, User
+from wardgate.api.resources import App, Role, User
 from wardgate.auth.rbac import AccessChecker
-from wardgate.errors import AccessDeniedError, BadParameterError
+from wardgate.errors import AccessDeniedError, BadParameterError, NotFoundError
+from wardgate.proxy.app import AppProxy, host_of
 from wardgate.proxy.websession import COOKIE, WebSession, WebSessions
 
 # What each navigation entry needs (kind, verb) in the user's roles.
@@ -29,6 +32,15 @@ CAPABILITIES: dict[str, tuple[str, str]] = {
     "roles": ("role", "list"),
 }
 MAX_EVENTS_PAGE = 500
+APP_STATE_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+"""The app service's state value: URL-safe, so it goes back into the redirect unchanged."""
+MAX_APP_PATH = 2048
+
+
+class SessionMFARequiredError(AccessDeniedError):
+    """The app wants a second factor for this session: the page asks for one and tries again."""
+
+    code = "mfa_required"
 
 
 def bearer_token(request: web.Request) -> str:
@@ -70,6 +82,24 @@ def _label_filter(text: str) -> dict[str, str]:
     return out
 
 
+def _app_path(v: Any) -> str:
+    """Where in the app to land: a path on the app's own host, never another site. Refused:
+    `//host`, backslashes (browsers read a leading slash-backslash as `//`), and whitespace or
+    control characters (browsers drop tabs and newlines, which could also make `//host`)."""
+    if v is None or v == "":
+        return "/"
+    if not isinstance(v, str) or len(v) > MAX_APP_PATH:
+        raise BadParameterError(f"path must be a path in the app of at most {MAX_APP_PATH} characters")
+    if (
+        not v.startswith("/")
+        or v.startswith("//")
+        or "\\" in v
+        or any(c.isspace() or ord(c) < 32 or c == "\x7f" for c in v)
+    ):
+        raise BadParameterError(f"path {v[:80]!r} must be a path in the app, starting with a single /")
+    return v
+
+
 def _time(v: str, name: str) -> datetime | None:
     if not v:
         return None
@@ -89,6 +119,7 @@ class WebAPI:
         second_factor: str,
         allowed_origins: Callable[[web.Request], set[str]],
         cookie_secure: bool = True,
+        apps: AppProxy | None = None,
     ) -> None:
         self.sessions = sessions
         self.auth = sessions.auth
@@ -97,6 +128,8 @@ class WebAPI:
         self.second_factor = second_factor
         self.allowed_origins = allowed_origins
         self.cookie_secure = cookie_secure
+        self.apps = apps
+        """This proxy's app routing, for the public addresses it actually serves apps at."""
 
     def register(self, app: web.Application) -> None:
         r = app.router
@@ -108,6 +141,8 @@ class WebAPI:
         r.add_get("/webapi/invites/{token}", self.invite_info)
         r.add_post("/webapi/invites/{token}", self.invite_accept)
         r.add_get("/webapi/nodes", self.nodes)
+        r.add_get("/webapi/sites/{cluster}/apps", self.list_apps)
+        r.add_post("/webapi/sessions/app", self.create_app_session)
         r.add_get("/webapi/sessions/active", self.active_sessions)
         r.add_get("/webapi/recordings", self.recordings)
         r.add_get("/webapi/recordings/{sid}", self.recording)
@@ -204,7 +239,7 @@ class WebAPI:
     async def session_info(self, request: web.Request) -> web.Response:
         sess = await self.session(request)
         checker = self._checker(sess)
-        caps = {"nodes": True, "sessions": True}
+        caps = {"nodes": True, "sessions": True, "apps": True}
         for name, (kind, verb) in CAPABILITIES.items():
             caps[name] = checker.check_rule(kind, verb).allowed
         return web.json_response(
@@ -261,6 +296,96 @@ class WebAPI:
                 }
             )
         return web.json_response({"items": items})
+
+    # ------------------------------------------------------------------ applications
+
+    def _app_public_addr(self, entry: dict[str, Any]) -> str:
+        """Where this proxy serves the app: computed from its own cache when it has the app
+        (what its router matches), else as the auth service said."""
+        if self.apps is not None:
+            found = self.cache.get("app", str(entry.get("name", "")))
+            if isinstance(found, App):
+                return self.apps.public_addr_of(found)
+        return str(entry.get("public_addr") or "")
+
+    async def _visible_apps(self, sess: WebSession) -> list[dict[str, Any]]:
+        items = []
+        for a in await sess.auth.visible_apps():
+            kind = "tcp" if a.get("uri_kind") == "tcp" else "http"
+            addr = self._app_public_addr(a)
+            items.append(
+                {
+                    "name": str(a.get("name", "")),
+                    "description": str(a.get("description") or ""),
+                    "labels": a.get("labels") or {},
+                    "public_addr": addr,
+                    "kind": kind,
+                    "launch_url": f"https://{addr}/" if kind == "http" and addr else "",
+                    "require_session_mfa": bool(a.get("require_session_mfa")),
+                }
+            )
+        return sorted(items, key=lambda i: i["name"])
+
+    def _check_cluster(self, request: web.Request) -> None:
+        cluster = request.match_info.get("cluster", self.cluster_name)
+        if cluster != self.cluster_name:
+            raise NotFoundError(f'cluster "{cluster}" not found: this proxy serves "{self.cluster_name}"')
+
+    async def list_apps(self, request: web.Request) -> web.Response:
+        sess = await self.session(request)
+        self._check_cluster(request)
+        return web.json_response({"items": await self._visible_apps(sess)})
+
+    async def create_app_session(self, request: web.Request) -> web.Response:
+        """The launch page: an app session for the signed-in user, and the one place to send the
+        browser with its one-time token. That place is always the public address of an app the
+        user may open (never what the request says), so this cannot be made an open redirect."""
+        self.check_origin(request)
+        sess = await self.session(request)
+        d = await json_body(request)
+        fqdn = d.get("fqdn")
+        if not isinstance(fqdn, str) or not fqdn.strip() or len(fqdn) > 260:
+            raise BadParameterError("fqdn must be the app's public host name, like grafana.proxy.example")
+        state = d.get("state")
+        if not isinstance(state, str) or not APP_STATE_RE.match(state):
+            raise BadParameterError(
+                "state must be the value the app gave (1 to 128 letters, digits, - and _): "
+                "open the app again to start over"
+            )
+        path = _app_path(d.get("path"))
+        wanted = fqdn.strip().rstrip(".").lower()
+        wanted_host = host_of(wanted)
+        app = next(
+            (
+                a
+                for a in await self._visible_apps(sess)
+                if a["public_addr"]
+                and (
+                    a["public_addr"] == wanted if ":" in wanted else host_of(a["public_addr"]) == wanted_host
+                )
+            ),
+            None,
+        )
+        if app is None:
+            raise NotFoundError(
+                f"no application you may open is published at {wanted_host}: "
+                "check the address, or pick the app from your list of applications"
+            )
+        if app["kind"] != "http":
+            raise BadParameterError(
+                f'"{app["name"]}" is a TCP application: connect with `ward proxy app {app["name"]} --port N`'
+            )
+        factor = _factor(d)
+        if app["require_session_mfa"] and not factor["otp"] and "webauthn" not in factor:
+            raise SessionMFARequiredError(
+                f'your roles require a second factor to open "{app["name"]}": verify it is you to continue'
+            )
+        answer = await sess.auth.create_app_session(app=app["name"], web_session_id=sess.id, **factor)
+        query = urlencode({"token": str(answer["token"]), "state": state, "path": path})
+        return web.json_response(
+            {"redirect": f"https://{app['public_addr']}/x-wardgate/auth?{query}", "app": app["name"]},
+            status=201,
+        )
 
     async def active_sessions(self, request: web.Request) -> web.Response:
         sess = await self.session(request)
@@ -437,4 +562,3 @@ class WebAPI:
         sess = await self.session(request)
         await sess.auth.delete_resource("role", request.match_info["name"])
         return web.json_response({})
-

@@ -9,6 +9,8 @@ const ROUTES = [
   { re: /^\/web\/invite\/([^/]+)\/?$/, page: 'invite', public: true, title: 'Set up your account' },
   { re: /^\/web\/terminal\/?$/, page: 'terminal', bare: true, title: 'Terminal' },
   { re: /^\/web\/nodes\/?$/, page: 'nodes', cap: 'nodes', nav: 'nodes', title: 'Servers' },
+  { re: /^\/web\/apps\/?$/, page: 'apps', cap: 'apps', nav: 'apps', title: 'Applications' },
+  { re: /^\/web\/launch\/([^/]+)\/?$/, page: 'launch', bare: true, title: 'Opening application' },
   { re: /^\/web\/sessions\/?$/, page: 'sessions', cap: 'sessions', nav: 'sessions', title: 'Active sessions' },
   { re: /^\/web\/recordings\/?$/, page: 'recordings', cap: 'recordings', nav: 'recordings', title: 'Recordings' },
   { re: /^\/web\/recordings\/([^/]+)\/?$/, page: 'player', cap: 'recordings', nav: 'recordings', title: 'Recording' },
@@ -23,6 +25,8 @@ const PAGES = {
   invite: () => import('./pages/invite.js'),
   terminal: () => import('./terminal.js'),
   nodes: () => import('./pages/nodes.js'),
+  apps: () => import('./pages/apps.js'),
+  launch: () => import('./pages/launch.js'),
   sessions: () => import('./pages/sessions.js'),
   recordings: () => import('./pages/recordings.js'),
   player: () => import('./pages/player.js'),
@@ -34,6 +38,7 @@ const PAGES = {
 
 const NAV = [
   { key: 'nodes', path: '/web/nodes', label: 'Servers', icon: 'server' },
+  { key: 'apps', path: '/web/apps', label: 'Applications', icon: 'apps' },
   { key: 'sessions', path: '/web/sessions', label: 'Active sessions', icon: 'activity' },
   { key: 'recordings', path: '/web/recordings', label: 'Recordings', icon: 'play' },
   { key: 'audit', path: '/web/audit', label: 'Audit log', icon: 'list' },
@@ -43,6 +48,7 @@ const NAV = [
 
 const ICONS = {
   server: 'M4 5h16v5H4zM4 14h16v5H4zM7 7.5h.01M7 16.5h.01',
+  apps: 'M4 4h6v6H4zM14 4h6v6h-6zM4 14h6v6H4zM14 14h6v6h-6z',
   activity: 'M3 12h4l3 7 4-14 3 7h4',
   play: 'M5 4h14v16H5zM10 9l5 3-5 3z',
   list: 'M8 6h12M8 12h12M8 18h12M4 6h.01M4 12h.01M4 18h.01',
