@@ -419,8 +419,8 @@ def proxy_db(name: str, port: int, tunnel: bool, db_user: str, db_name: str, pro
         check_db_name,
         connect_command,
         ensure_login,
-        serve_tunnel,
     )
+    from wardgate.client.localproxy import serve_tunnel
 
     check_db_name(name)
     profile = _load(proxy, valid=False)
@@ -451,6 +451,57 @@ def proxy_db(name: str, port: int, tunnel: bool, db_user: str, db_name: str, pro
     t = DBTunnel(profile, name, store=store, on_error=_warn)
     runtime.run(serve_tunnel(t, port=port, on_ready=ready))
     err_console.print(f'Stopped the tunnel to database "{name}".', markup=False)
+
+
+@proxy.command(name="app")
+@click.argument("name")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Local port (0: any free one).",
+)
+@click.option(
+    "--bind",
+    default="127.0.0.1",
+    show_default=True,
+    help="Local address to listen on: whoever can reach it uses the app as you.",
+)
+@PROXY_OPTION
+@guarded
+def proxy_app(name: str, port: int, bind: str, proxy: str) -> None:
+    """Listen locally and relay each connection to app NAME through the proxy.
+
+    Every local connection gets its own TLS connection to the proxy carrying your certificate
+    for NAME, so curl, a browser or a TCP app's own client (redis-cli, …) connects to the
+    local port with plain HTTP or TCP and no certificate. The certificate is fetched, and
+    renewed when it expires, as `ward app login` would. Runs until Ctrl-C.
+    """
+    import ipaddress
+
+    from wardgate.client.app import AppTunnel, check_app_name, ensure_app_login, local_command
+    from wardgate.client.localproxy import serve_tunnel
+
+    check_app_name(name)
+    profile = _load(proxy, valid=False)
+    login = runtime.run(ensure_app_login(profile, name, ask_code=_ask_mfa_code))
+    with contextlib.suppress(ValueError):
+        if not ipaddress.ip_address(bind).is_loopback:
+            _warn(f'listening on {bind}: anyone who can reach this port uses app "{name}" as you')
+
+    def ready(bound: int) -> None:
+        shown = f"[{bind}]" if ":" in bind else bind
+        click.echo(
+            f'Started a local proxy for app "{name}" ({login.kind}, {login.public_addr}) on '
+            f"{shown}:{bound}. Use it with:\n\n  {local_command(login.kind, bind, bound)}\n\n"
+            "Press Ctrl-C to stop."
+        )
+        sys.stdout.flush()
+
+    t = AppTunnel(profile, name, ask_code=_ask_mfa_code, on_error=_warn)
+    runtime.run(serve_tunnel(t, host=bind, port=port, on_ready=ready))
+    err_console.print(f'Stopped the local proxy for app "{name}".', markup=False)
 
 
 # ---------------------------------------------------------------- databases
@@ -667,6 +718,145 @@ def db_config(name: str, fmt: str, proxy: str) -> None:
             ("Valid until", until),
         ]
     )
+
+
+# ---------------------------------------------------------------- applications
+
+
+@main.group()
+def apps() -> None:
+    """Applications you may reach through the proxy."""
+
+
+@apps.command(name="ls")
+@click.option(
+    "--format",
+    "fmt",
+    type=FORMATS,
+    default="text",
+    show_default=True,
+    help="text: an aligned table; json or yaml: every field, and whether you hold a certificate.",
+)
+@PROXY_OPTION
+@guarded
+def apps_ls(fmt: str, proxy: str) -> None:
+    """List the apps you may reach: name, type (http or tcp), public address, description, labels."""
+    from wardgate.client.app import AppStore, visible_apps
+
+    profile = _load(proxy)
+    found = runtime.run(visible_apps(profile))
+    if fmt != "text":
+        store = AppStore(profile)
+        dump([{**a, "logged_in": store.current(str(a.get("name"))) is not None} for a in found], fmt)
+        return
+    table(
+        ["Name", "Type", "Public address", "Description", "Labels"],
+        [
+            [
+                a.get("name", ""),
+                a.get("uri_kind", ""),
+                a.get("public_addr", ""),
+                a.get("description", ""),
+                ",".join(f"{k}={v}" for k, v in sorted((a.get("labels") or {}).items())),
+            ]
+            for a in found
+        ],
+        empty="No apps: none are served, or your roles let you see none.",
+    )
+
+
+@main.group()
+def app() -> None:
+    """One application: log in for curl and other clients, log out, show the settings."""
+
+
+@app.command(name="login")
+@click.argument("name")
+@PROXY_OPTION
+@guarded
+def app_login(name: str, proxy: str) -> None:
+    """Get a certificate for app NAME and print the command line that uses it.
+
+    The certificate is for your `ward login` key and is kept in ~/.ward until it expires (at the
+    latest when your `ward login` does). Asks for a one-time code when your roles require a
+    second factor per session.
+    """
+    from wardgate.client.app import app_login as do_login
+    from wardgate.client.app import command_line
+
+    profile = _load(proxy)
+    login = runtime.run(do_login(profile, name, ask_code=_ask_mfa_code))
+    click.echo(
+        f'Logged in to app "{name}" ({login.kind}, {login.uri}), valid until '
+        f"{login.valid_until:%Y-%m-%d %H:%M:%S} UTC."
+    )
+    if login.kind == "tcp":
+        click.echo(
+            f"Reach it through a local listener: ward proxy app {name} --port=N\n"
+            f"or by hand:\n\n  {command_line(login, profile)}"
+        )
+    else:
+        click.echo(
+            f"Use it with curl (`ward app config {name}` prints this again):\n\n"
+            f"  {command_line(login, profile)}\n\n"
+            f"or through a local listener that needs no certificates: ward proxy app {name}"
+        )
+
+
+@app.command(name="logout")
+@click.argument("name", required=False)
+@PROXY_OPTION
+@guarded
+def app_logout(name: str | None, proxy: str) -> None:
+    """Forget the certificate of app NAME (without NAME: of every app)."""
+    from wardgate.client.app import AppStore
+
+    store = AppStore(_load(proxy, valid=False))
+    if name:
+        if not store.remove(name):
+            raise NotFoundError(f'not logged in to app "{name}"')
+        click.echo(f'Logged out of app "{name}".')
+        return
+    names = [x.name for x in store.logins()]
+    for n in names:
+        store.remove(n)
+    click.echo(f"Logged out of {', '.join(names)}." if names else "Not logged in to any app.")
+
+
+@app.command(name="config")
+@click.argument("name")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["curl", "uri", "ca", "cert", "key", "json"]),
+    default="curl",
+    show_default=True,
+    help="curl: a ready command line (curl for HTTP apps, openssl s_client for TCP apps); uri: the "
+    "app's address; ca, cert, key: a file to give other clients; json: all of it.",
+)
+@PROXY_OPTION
+@guarded
+def app_config(name: str, fmt: str, proxy: str) -> None:
+    """Print how to reach app NAME with your certificate from `ward app login`.
+
+    When the app's host name has no address on this machine (e.g. NAME.localhost) but the
+    proxy's has, the curl line adds --resolve so the name reaches the proxy.
+    """
+    from wardgate.client.app import AppStore, config_text
+
+    profile = _load(proxy, valid=False)
+    login = AppStore(profile).load(name)
+    click.echo(config_text(login, profile, fmt))
+    if login.is_expired():
+        _warn(
+            f'your certificate for app "{name}" expired at {login.valid_until:%Y-%m-%d %H:%M:%S} UTC: '
+            f"run `ward app login {name}` again"
+        )
+    elif not login.matches_key():
+        _warn(
+            f'your certificate for app "{name}" is for the key of an earlier `ward login`: '
+            f"run `ward app login {name}` again"
+        )
 
 
 @main.command()

@@ -461,19 +461,22 @@ def nodes_add(c: Ctx, agentless: bool, name: str, addr: str, labels: str) -> Non
 
 
 @main.command("lock")
-@click.option("--user", default="")
-@click.option("--role", default="")
-@click.option("--node", default="")
-@click.option("--login", default="")
+@click.option("--user", default="", help="Everything this user does.")
+@click.option("--role", default="", help="Everyone holding this role.")
+@click.option("--node", default="", help="Sessions to this node (host id or name).")
+@click.option("--login", default="", help="SSH sessions as this OS login.")
+@click.option("--app", default="", help="Access to this app (open sessions end within seconds).")
 @click.option("--ttl", default="", help="How long the lock holds (default: until removed).")
 @click.option("--message", default="", help="Shown to whoever is refused.")
 @pass_ctx
 @guarded
-def lock_cmd(c: Ctx, user: str, role: str, node: str, login: str, ttl: str, message: str) -> None:
-    """Deny new access at once to a user, role, node or login."""
-    target = {k: v for k, v in {"user": user, "role": role, "node": node, "login": login}.items() if v}
+def lock_cmd(c: Ctx, user: str, role: str, node: str, login: str, app: str, ttl: str, message: str) -> None:
+    """Deny new access at once to a user, role, node, login or app; open sessions of the
+    user or role (and of the app) are cut too."""
+    named = {"user": user, "role": role, "node": node, "login": login, "app": app}
+    target = {k: v for k, v in named.items() if v}
     if not target:
-        raise BadParameterError("name what to lock: --user, --role, --node or --login")
+        raise BadParameterError("name what to lock: --user, --role, --node, --login or --app")
     if ttl:
         _ttl(ttl)
     lock = c.run(lambda cl: cl.create_lock(target, ttl, message))

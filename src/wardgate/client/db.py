@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import re
@@ -42,18 +41,26 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from wardgate.api.client import ConnectionFailed
 from wardgate.api.identityfile import server_trusting_context
 from wardgate.api.resources import NAME_RE
+from wardgate.client.localproxy import (
+    BUFFER_SIZE,
+    LOCAL_HOST,
+    ErrorSink,
+    LocalTunnel,
+    TLSDial,
+    server_hostname,
+    tls_failure,
+    unreachable,
+)
 from wardgate.client.profile import NotLoggedInError, Profile, atomic_write, split_host_port
 from wardgate.client.proxyclient import ProxyClient
 from wardgate.client.tlsstream import open_tls_connection
 from wardgate.errors import AccessDeniedError, BadParameterError, NotFoundError, WardgateError
 from wardgate.keys import generate_tls_key, load_private_key, load_x509, private_key_pem, public_key_pem
-from wardgate.proxy.relay import Relay, RelayStats
+from wardgate.proxy.relay import RelayStats
 
 log = logging.getLogger(__name__)
 
 ALPN = {"postgres": "ward-postgres", "mysql": "ward-mysql"}
-BUFFER_SIZE = 256 * 1024
-LOCAL_HOST = "127.0.0.1"
 RENEW_MARGIN = timedelta(minutes=1)
 """`connect`/`proxy db` log in again when the certificate has less than this left."""
 
@@ -392,39 +399,14 @@ async def ensure_login(
 # ---------------------------------------------------------------- the data path
 
 
-def _server_hostname(host: str) -> str | None:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    return None  # no SNI for IP addresses, as for `ward-ssh`
-
-
-def _unreachable(profile: Profile, exc: BaseException) -> ConnectionFailed:
-    return ConnectionFailed(
-        f"cannot reach the proxy at {profile.proxy} ({exc or type(exc).__name__}): "
-        "check the address and that the Wardgate proxy is running"
-    )
-
-
 def _tls_failure(profile: Profile, login: DBLogin, exc: ssl.SSLError) -> WardgateError:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return ConnectionFailed(
-            f"cannot verify the proxy at {profile.proxy}: {exc.verify_message or exc}: it is not a proxy "
-            f"of cluster {profile.cluster}, or the cluster's CA changed (run `ward login` again)"
-        )
-    text = str(exc)
-    if "expired" in text.lower():
-        return DatabaseCertExpired(
-            f'the proxy refused your certificate for database "{login.name}": it has expired; '
-            f"run `ward db login {login.name}` again"
-        )
-    if "alert" in text.lower():
-        return AccessDeniedError(
-            f'the proxy refused your certificate for database "{login.name}" ({exc.reason or text}): '
-            f"run `ward db login {login.name}` again"
-        )
-    return ConnectionFailed(f"TLS with the proxy at {profile.proxy} failed: {text}")
+    return tls_failure(
+        profile,
+        exc,
+        subject=f'database "{login.name}"',
+        relogin=f"ward db login {login.name}",
+        expired=DatabaseCertExpired,
+    )
 
 
 def _check_alpn(profile: Profile, login: DBLogin, chosen: str | None) -> None:
@@ -445,12 +427,12 @@ async def open_db_stream(
     host, port = split_host_port(profile.proxy)
     try:
         reader, writer = await asyncio.wait_for(
-            open_tls_connection(host, port, ctx, server_hostname=_server_hostname(host)), dial_timeout
+            open_tls_connection(host, port, ctx, server_hostname=server_hostname(host)), dial_timeout
         )
     except ssl.SSLError as exc:
         raise _tls_failure(profile, login, exc) from None
     except (OSError, TimeoutError) as exc:
-        raise _unreachable(profile, exc) from None
+        raise unreachable(profile, exc) from None
     try:
         _check_alpn(profile, login, writer.get_extra_info("selected_alpn"))
     except BaseException:
@@ -459,47 +441,7 @@ async def open_db_stream(
     return reader, writer
 
 
-ErrorSink = Callable[[str], None]
-
-
-class _Held(asyncio.Protocol):
-    """A connection waiting for the relay: keeps what arrives (reading stops after one buffer's
-    worth, so a fast sender cannot make us hoard) and whether its peer finished or left."""
-
-    def __init__(self, limit: int, on_made: Callable[[_Held], None] | None = None) -> None:
-        self.limit = limit
-        self.on_made = on_made
-        self.transport: Any = None
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.eof = False
-        self.lost = False
-        self.error: BaseException | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        if self.on_made is not None:
-            self.on_made(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.size += len(data)
-        if self.size >= self.limit:
-            self.transport.pause_reading()
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return bool(self.transport.can_write_eof())  # TCP stays open to write; TLS closes
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.error = exc
-
-    def pending(self) -> bytes:
-        return b"".join(self.chunks)
-
-
-class DBTunnel:
+class DBTunnel(LocalTunnel[DBLogin]):
     """`ward proxy db --tunnel`: a local listener; every connection it accepts gets its own TLS
     connection to the proxy, carrying this database's certificate, and is relayed both ways.
 
@@ -520,177 +462,36 @@ class DBTunnel:
         dial_timeout: float = 30.0,
         buffer_size: int = BUFFER_SIZE,
     ) -> None:
-        self.profile = profile
         self.name = check_db_name(name)
         self.store = store or DBStore(profile)
-        self.on_error = on_error or (lambda msg: log.warning("%s", msg))
-        self.dial_timeout = dial_timeout
-        self.buffer_size = buffer_size
-        self.connections = 0
-        """Connections accepted so far."""
-        self.failures = 0
-        """Connections that ended with a problem reported to `on_error`."""
-        self._server: asyncio.AbstractServer | None = None
-        self._waiting: set[_Held] = set()
-        self._relays: set[Relay] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._proxy_host, self._proxy_port = split_host_port(profile.proxy)
+        super().__init__(
+            profile,
+            f'database "{self.name}"',
+            on_error=on_error,
+            dial_timeout=dial_timeout,
+            buffer_size=buffer_size,
+        )
 
-    @property
-    def port(self) -> int:
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("the tunnel is not listening")
-        return int(self._server.sockets[0].getsockname()[1])
+    async def prepare(self) -> DBLogin:
+        return self.store.load(self.name).require_valid()
 
-    @property
-    def active(self) -> int:
-        """Connections being dialled or relayed right now."""
-        return len(self._tasks)
+    def dial_params(self, login: DBLogin) -> TLSDial:
+        return TLSDial(login.ssl_context(), server_hostname(self._proxy_host))
 
-    async def start(self, host: str = LOCAL_HOST, port: int = 0) -> int:
-        """Listen on host:port (0: any free port); returns the port."""
-        loop = asyncio.get_running_loop()
-        try:
-            self._server = await loop.create_server(
-                lambda: _Held(self.buffer_size, self._accepted), host, port
-            )
-        except OSError as exc:
-            raise BadParameterError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        return self.port
+    def tls_failure(self, login: DBLogin, exc: ssl.SSLError) -> WardgateError:
+        return _tls_failure(self.profile, login, exc)
 
-    async def close(self) -> None:
-        """Stop listening and cut every open connection."""
-        if self._server is not None:
-            self._server.close()
-        for held in list(self._waiting):
-            held.transport.abort()
-        for r in list(self._relays):
-            r.abort()
-        for t in list(self._tasks):
-            t.cancel()
-        for t in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
+    def check_peer(self, login: DBLogin, ssl_object: ssl.SSLObject | None) -> None:
+        _check_alpn(self.profile, login, ssl_object.selected_alpn_protocol() if ssl_object else None)
 
-    async def __aenter__(self) -> DBTunnel:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    def _accepted(self, local: _Held) -> None:
-        self.connections += 1
-        self._waiting.add(local)
-        task = asyncio.get_running_loop().create_task(self._serve(local))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _report(self, message: str) -> None:
-        self.failures += 1
-        with contextlib.suppress(Exception):
-            self.on_error(message)
-
-    async def _serve(self, local: _Held) -> None:
-        try:
-            await self._relay(local)
-        except WardgateError as exc:
-            self._report(str(exc))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # never let one connection take the listener down
-            log.debug("database tunnel connection failed", exc_info=True)
-            self._report(f'connection to database "{self.name}" failed: {exc!r}')
-        finally:
-            self._waiting.discard(local)
-            if not local.lost and local.transport is not None and local.transport.get_protocol() is local:
-                local.transport.close()  # never taken over by a relay: don't leave the client hanging
-
-    async def _dial(self, login: DBLogin) -> _Held:
-        loop = asyncio.get_running_loop()
-        remote = _Held(self.buffer_size)
-        ctx = login.ssl_context()
-        try:
-            async with asyncio.timeout(self.dial_timeout):
-                await loop.create_connection(
-                    lambda: remote,
-                    self._proxy_host,
-                    self._proxy_port,
-                    ssl=ctx,
-                    server_hostname=_server_hostname(self._proxy_host),
-                )
-        except ssl.SSLError as exc:
-            raise _tls_failure(self.profile, login, exc) from None
-        except (OSError, TimeoutError) as exc:
-            raise _unreachable(self.profile, exc) from None
-        return remote
-
-    async def _relay(self, local: _Held) -> None:
-        login = self.store.load(self.name).require_valid()
-        try:
-            remote = await self._dial(login)
-        except WardgateError:
-            if local.lost or (local.eof and not local.size):
-                return  # the client left before the proxy answered: nothing to report
-            raise
-        try:
-            if local.lost:
-                return
-            ssl_object = remote.transport.get_extra_info("ssl_object")
-            _check_alpn(self.profile, login, ssl_object.selected_alpn_protocol() if ssl_object else None)
-            if remote.lost and isinstance(remote.error, ssl.SSLError):
-                raise _tls_failure(self.profile, login, remote.error)
-        except BaseException:
-            remote.transport.abort()
-            raise
-        r = Relay(buffer_size=self.buffer_size)
-        self._relays.add(r)
-        self._waiting.discard(local)
-        try:
-            r.attach_a(local.transport, pending=local.pending(), eof=local.eof)
-            r.attach_b(remote.transport, pending=remote.pending(), eof=remote.eof)
-            stats = await r.run()
-        finally:
-            self._relays.discard(r)
-        self._check_end(login, stats)
-
-    def _check_end(self, login: DBLogin, stats: RelayStats) -> None:
-        if isinstance(stats.error, ssl.SSLError):
-            raise _tls_failure(self.profile, login, stats.error)
+    def check_end(self, login: DBLogin, stats: RelayStats) -> None:
+        super().check_end(login, stats)
         if stats.a_to_b and not stats.b_to_a and stats.reason in ("done", "error"):
             raise ConnectionFailed(
                 f'the proxy closed the connection to database "{login.name}" without an answer: '
                 f"your certificate was refused (run `ward db login {login.name}` again) or no "
                 "database service serves it right now"
             )
-
-
-async def serve_tunnel(
-    tunnel: DBTunnel,
-    *,
-    port: int = 0,
-    on_ready: Callable[[int], None] | None = None,
-    stop: asyncio.Event | None = None,
-) -> None:
-    """Run the tunnel until SIGINT/SIGTERM (or `stop` is set), then close it cleanly."""
-    loop = asyncio.get_running_loop()
-    stop = stop or asyncio.Event()
-    await tunnel.start(port=port)
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-    try:
-        if on_ready is not None:
-            on_ready(tunnel.port)
-        await stop.wait()
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        await tunnel.close()
 
 
 # ---------------------------------------------------------------- native clients

@@ -11,6 +11,8 @@ Layout (``WARD_HOME`` overrides ``~/.ward``)::
     keys/<proxy>/<user>-x509.pem         the X.509 client certificate
     keys/<proxy>/<user>-x509-key.pem     its private key (PKCS#8, 0600)
     keys/<proxy>/cas/host.pem            the cluster's host CA certificates (what we trust the proxy by)
+    keys/<proxy>/<user>-db/              per-database keys and certificates (`wardgate.client.db`)
+    keys/<proxy>/<user>-app/             per-app certificates for the X.509 key above (`wardgate.client.app`)
 
 Directories are 0700 and every file is written atomically (temp file + rename), so a crash or
 a concurrent `ward` never leaves half a key behind. `<proxy>` is `host:port`; colons are fine
