@@ -50,7 +50,6 @@ import platform
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -357,18 +356,7 @@ log_disconnections = 0
         }[path]
 
     def audit_count(self, event: str) -> int | None:
-        """Events of this type in the auth service's SQLite audit log (None: not found)."""
-        for p in sorted(self.data_dir.rglob("*")):
-            if not p.is_file() or p.suffix in (".identity", ".yaml", ".pem", ".key", ".log", ".crt"):
-                continue
-            try:
-                with contextlib.closing(sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=10)) as c:
-                    return int(
-                        c.execute("SELECT count(*) FROM audit_events WHERE event = ?", (event,)).fetchone()[0]
-                    )
-            except sqlite3.Error:
-                continue
-        return None
+        return sshbench.audit_count(self.data_dir, event)
 
 
 # -- runs ------------------------------------------------------------------------------------------

@@ -429,7 +429,11 @@ def report(results: list[Result], meta: dict[str, Any]) -> str:
         f"whole machine ({meta['cpus']} CPUs, wrk included).",
     ]
     if meta.get("audited") is not None:
-        out.append(f"Audit: {meta['audited']:,} app.session.request events in the audit log after the runs.")
+        out.append(
+            f"Audit: {meta['audited']:,} app.session.request events in the audit log after the runs"
+            f" (wrk counted {meta['wardgate_requests']:,} completed requests through Wardgate; it does"
+            " not count those cut off at the end)."
+        )
     small = by.get(("small", "wardgate")), by.get(("small", "nginx"))
     big = by.get(("1MiB", "wardgate")), by.get(("1MiB", "nginx"))
     if all(small):
@@ -445,14 +449,16 @@ def report(results: list[Result], meta: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def audited(data_dir: Path) -> int | None:
-    import sqlite3
-
-    for db in sorted(data_dir.rglob("*.db")):
-        with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(db)) as conn:
-            row = conn.execute("select count(*) from events where event = 'app.session.request'").fetchone()
-            return int(row[0])
-    return None
+def settled_audit_count(data_dir: Path) -> int | None:
+    """`app.session.request` events once the emitter's batches have landed (the count is still)."""
+    last, deadline = -1, time.monotonic() + 30
+    while time.monotonic() < deadline:
+        count = sshbench.audit_count(data_dir, "app.session.request")
+        if count is None or count == last:
+            return count
+        last = count
+        time.sleep(1.5)
+    return last
 
 
 def version(argv: list[str]) -> str:
@@ -504,7 +510,8 @@ def main() -> None:
             "python": platform.python_version(),
             "cpus": len(os.sched_getaffinity(0)),
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "audited": audited(bed.data_dir) if "wardgate" in args.paths else None,
+            "audited": settled_audit_count(bed.data_dir) if "wardgate" in args.paths else None,
+            "wardgate_requests": sum(r.requests for r in results if r.path == "wardgate"),
         }
         if args.format == "json":
             print(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))

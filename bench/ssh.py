@@ -153,6 +153,22 @@ def machine_busy() -> float:
     return sum(values[:3] + values[5:7]) / TICKS  # user, nice, system, irq, softirq
 
 
+def audit_count(data_dir: Path, event: str) -> int | None:
+    """Events of this type in the auth service's SQLite audit log under `data_dir` (None: not found)."""
+    import sqlite3
+
+    for p in sorted(data_dir.rglob("*")):
+        if not p.is_file() or p.suffix in (".identity", ".yaml", ".pem", ".key", ".log", ".crt"):
+            continue
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=10)) as c:
+                row = c.execute("SELECT count(*) FROM audit_events WHERE event = ?", (event,)).fetchone()
+                return int(row[0])
+        except sqlite3.Error:
+            continue
+    return None
+
+
 # -- processes -------------------------------------------------------------------------------------
 
 
