@@ -310,10 +310,7 @@ class WardgateProcess:
         creds = await self._credentials(
             "node", node_name=cfg.nodename, addresses=[] if tunnel else _names(host, reach), ssh=True
         )
-        if self.auth is not None:
-            auth_addr, alpn = started.auth_addr, ""
-        else:
-            auth_addr, alpn = (w.proxy_server, "ward-auth") if w.proxy_server else (w.auth_server, "")
+        auth_addr, alpn = self._auth_addr(started)
         agent = NodeAgent(
             NodeSettings(
                 nodename=cfg.nodename,
@@ -338,30 +335,39 @@ class WardgateProcess:
         started.ssh_addr = "" if tunnel else agent.service.node.spec.addr
         started.tunnel_to = w.proxy_server if tunnel else ""
 
-    async def _start_db(self, started: Started) -> None:
-        """The database service: handed connections by the proxy in this process, or through the
-        reverse tunnel it keeps to `proxy_server`."""
-        from wardgate.agent.db.agent import DatabaseAgent, DatabaseAgentSettings
+    def _auth_addr(self, started: Started) -> tuple[str, str]:
+        """(address, ALPN) where this process's services reach the auth API: in process, through
+        the proxy (`ward-auth`), or an auth server."""
+        w = self.cfg.wardgate
+        if self.auth is not None:
+            return started.auth_addr, ""
+        return (w.proxy_server, "ward-auth") if w.proxy_server else (w.auth_server, "")
 
-        cfg = self.cfg
-        w = cfg.wardgate
+    async def _proxied(self, role: str, started: Started) -> tuple[HostCredentials, str, str, str]:
+        """For a service the proxy hands connections to (in this process, or through the reverse
+        tunnel it keeps to `proxy_server`): (credentials, auth address, auth ALPN, tunnel proxy)."""
+        w = self.cfg.wardgate
         local_proxy = self.proxy is not None
         if not local_proxy and not w.proxy_server:
             raise BadParameterError(
-                "db_service needs a proxy: enable proxy_service here, or set wardgate.proxy_server"
+                f"{role}_service needs a proxy: enable proxy_service here, or set wardgate.proxy_server"
             )
-        creds = await self._credentials("db", node_name=cfg.nodename, addresses=[], ssh=False)
-        if self.auth is not None:
-            auth_addr, alpn = started.auth_addr, ""
-        else:
-            auth_addr, alpn = (w.proxy_server, "ward-auth") if w.proxy_server else (w.auth_server, "")
+        creds = await self._credentials(role, node_name=self.cfg.nodename, addresses=[], ssh=False)
+        auth_addr, alpn = self._auth_addr(started)
+        return creds, auth_addr, alpn, "" if local_proxy else w.proxy_server
+
+    async def _start_db(self, started: Started) -> None:
+        from wardgate.agent.db.agent import DatabaseAgent, DatabaseAgentSettings
+
+        cfg = self.cfg
+        creds, auth_addr, alpn, tunnel_proxy = await self._proxied("db", started)
         agent = DatabaseAgent(
             DatabaseAgentSettings(
                 nodename=cfg.nodename,
                 host_id=creds.host_id,
                 auth_addr=auth_addr,
                 auth_alpn=alpn,
-                tunnel_proxy="" if local_proxy else w.proxy_server,
+                tunnel_proxy=tunnel_proxy,
                 databases=cfg.db_service.databases,
                 selectors=[dict(s.labels) for s in cfg.db_service.resources],
             ),
@@ -374,37 +380,24 @@ class WardgateProcess:
         self._closers.insert(0, agent)
 
     async def _start_app(self, started: Started) -> None:
-        """The app service: handed connections by the proxy in this process, or through the
-        reverse tunnel it keeps to `proxy_server`."""
         from wardgate.agent.app.agent import AppAgent, AppAgentSettings
 
         cfg = self.cfg
-        w = cfg.wardgate
-        local_proxy = self.proxy is not None
-        if not local_proxy and not w.proxy_server:
-            raise BadParameterError(
-                "app_service needs a proxy: enable proxy_service here, or set wardgate.proxy_server"
-            )
-        creds = await self._credentials("app", node_name=cfg.nodename, addresses=[], ssh=False)
-        if self.auth is not None:
-            auth_addr, alpn = started.auth_addr, ""
-        else:
-            auth_addr, alpn = (w.proxy_server, "ward-auth") if w.proxy_server else (w.auth_server, "")
+        creds, auth_addr, alpn, tunnel_proxy = await self._proxied("app", started)
         agent = AppAgent(
             AppAgentSettings(
                 nodename=cfg.nodename,
                 host_id=creds.host_id,
                 auth_addr=auth_addr,
                 auth_alpn=alpn,
-                tunnel_proxy="" if local_proxy else w.proxy_server,
+                tunnel_proxy=tunnel_proxy,
                 apps=cfg.app_service.apps,
                 selectors=[dict(s.labels) for s in cfg.app_service.resources],
             ),
             creds.identity,
         )
-        local = getattr(getattr(self.proxy, "apps", None), "local", None)
-        if isinstance(local, dict):
-            local[creds.host_id] = agent.service
+        if self.proxy is not None:
+            self.proxy.apps.local[creds.host_id] = agent.service
         await agent.start()
         self.app = agent
         self._closers.insert(0, agent)

@@ -8,29 +8,19 @@ reverse tunnel it keeps (channel service `db`).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from wardgate.agent.db.service import DatabaseService, Engine
-from wardgate.agent.heartbeat import repeat
-from wardgate.agent.tunnel import TunnelAgent, tunnel_for
-from wardgate.api.cache import ResourceCache
-from wardgate.api.client import AuthClient
-from wardgate.api.emitter import RemoteEmitter
+from wardgate.agent.proxied import ProxiedAgent
 from wardgate.api.identityfile import IdentityFile
-from wardgate.api.resources import Database, DatabaseServiceSpec, DatabaseSpec, Metadata
+from wardgate.api.resources import Database, DatabaseServiceSpec, DatabaseSpec, Metadata, Resource
 from wardgate.api.resources import DatabaseService as DatabaseServiceResource
-from wardgate.auth.rbac import match_labels
 
 log = logging.getLogger(__name__)
 CACHED_KINDS = ("cert_authority", "role", "lock", "db")
-HEARTBEAT_EVERY = timedelta(seconds=30)
-HEARTBEAT_TTL = timedelta(minutes=2)
 TUNNEL_SERVICE = "db"
 
 
@@ -71,7 +61,11 @@ def database_from_config(entry: Any, *, host_id: str, hostname: str) -> Database
     )
 
 
-class DatabaseAgent:
+class DatabaseAgent(ProxiedAgent):
+    KIND = "db"
+    CACHED_KINDS = CACHED_KINDS
+    TUNNEL_SERVICE = TUNNEL_SERVICE
+
     def __init__(
         self,
         settings: DatabaseAgentSettings,
@@ -79,16 +73,12 @@ class DatabaseAgent:
         *,
         engines: dict[str, Engine] | None = None,
     ) -> None:
-        self.settings = settings
-        self.identity = identity
-        self.auth = AuthClient.from_identity(identity, settings.auth_addr, alpn=settings.auth_alpn)
-        self.cache = ResourceCache(CACHED_KINDS)
-        self.emitter = RemoteEmitter(self.auth)
-        self.static = {
+        static = {
             d.name: database_from_config(d, host_id=settings.host_id, hostname=settings.nodename)
             for d in settings.databases
         }
-        self.service = DatabaseService(
+        super().__init__(settings, identity, static)
+        self.service: DatabaseService = DatabaseService(
             auth=self.auth,
             cache=self.cache,
             emitter=self.emitter,
@@ -96,42 +86,16 @@ class DatabaseAgent:
             databases=self.databases,
             engines=engines if engines is not None else default_engines(),
         )
-        self.tunnel: TunnelAgent | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
 
     def databases(self) -> dict[str, Database]:
-        """What this service serves now: its config, plus matching `wardctl create`d resources."""
-        out = dict(self.static)
-        if self.settings.selectors:
-            now = datetime.now(UTC)
-            for db in self.cache.list("db"):
-                if not isinstance(db, Database) or db.spec.host_id or db.name in out or db.is_expired(now):
-                    continue
-                if any(match_labels(sel, db.metadata.labels)[0] for sel in self.settings.selectors):
-                    out[db.name] = db
-        return out
+        return self.served()
 
-    async def start(self) -> None:
-        s = self.settings
-        self._tasks.append(asyncio.create_task(self.cache.run(lambda: self.auth.watch(CACHED_KINDS))))
-        await asyncio.wait_for(self.cache.ready.wait(), 30)
-        if s.tunnel_proxy:
-            self.tunnel = tunnel_for(s.tunnel_proxy, self.identity, self._on_channel, TUNNEL_SERVICE)
-        await self.heartbeat()
-        beats = repeat(HEARTBEAT_EVERY.total_seconds(), self.heartbeat, "database heartbeat")
-        self._tasks.append(asyncio.create_task(beats))
+    def send_heartbeat(self) -> Callable[[Resource], Awaitable[Resource]]:
+        return self.auth.db_heartbeat
 
-    async def _on_channel(self, service: str, client_addr: str, reader: Any, writer: Any) -> None:
-        await self.service.serve_tunnel_channel(reader, writer)
-
-    async def heartbeat(self) -> None:
-        expires = datetime.now(UTC) + HEARTBEAT_TTL
-        for db in self.static.values():
-            beat = db.model_copy(deep=True)
-            beat.metadata.expires = expires
-            await self.auth.db_heartbeat(beat)
-        me = DatabaseServiceResource(
-            metadata=Metadata(name=self.settings.host_id, expires=expires),
+    def service_heartbeat(self, metadata: Metadata) -> Resource:
+        return DatabaseServiceResource(
+            metadata=metadata,
             spec=DatabaseServiceSpec(
                 hostname=self.settings.nodename,
                 tunnel=bool(self.settings.tunnel_proxy),
@@ -139,15 +103,7 @@ class DatabaseAgent:
                 databases=sorted(self.databases()),
             ),
         )
-        await self.auth.db_heartbeat(me)
 
-    async def close(self) -> None:
-        if self.tunnel is not None:
-            await self.tunnel.close()
-        for t in [*self._tasks, *self.service.sessions]:
+    async def close_service(self) -> None:
+        for t in self.service.sessions:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        await self.emitter.close()
-        await self.auth.close()
