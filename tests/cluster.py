@@ -181,6 +181,27 @@ auth_service:
         return runtime.run(go())
 
 
+def joined_agent(cluster: SSHCluster, root: Path, role: str, services: str) -> Process:
+    """A second `wardgate start` that joins with a `role` token and reaches the cluster only
+    through its proxy (reverse tunnel); `services`: its service sections as YAML."""
+    out = wardctl(cluster.data_dir, "tokens", "add", f"--type={role}", "--ttl=10m", "--format=json")
+    secret = json.loads(out.stdout)["token"]
+    return Process(
+        root,
+        f"""version: v1
+wardgate:
+  nodename: {role}-agent
+  data_dir: {root / "data"}
+  proxy_server: {cluster.proxy}
+  auth_token: {secret}
+  ca_pin: {cluster.pin}
+auth_service: {{enabled: false}}
+proxy_service: {{enabled: false}}
+ssh_service: {{enabled: false}}
+{services}""",
+    )
+
+
 def ward_env(home: Path) -> dict[str, str]:
     return {**os.environ, "WARD_HOME": str(home), "COLUMNS": "200"}
 

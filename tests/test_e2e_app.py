@@ -30,11 +30,11 @@ from tests.appservers import Server, have_nginx, have_redis, nginx, redis, upstr
 from tests.cluster import (
     BIN,
     PASSWORD,
-    Process,
     SSHCluster,
     audit,
     current_code,
     free_port,
+    joined_agent,
     login,
     wait_port,
     ward,
@@ -404,26 +404,16 @@ def test_an_upstream_that_resets_gives_a_502_page(apps: AppCluster, dana: Path) 
 
 
 def test_an_app_behind_a_reverse_tunnel(apps: AppCluster, dana: Path, tmp_path: Path) -> None:
-    out = wardctl(apps.c.data_dir, "tokens", "add", "--type=app", "--ttl=10m", "--format=json")
-    secret = json.loads(out.stdout)["token"]
-    agent_dir = tmp_path / "app-agent"
-    agent = Process(
-        agent_dir,
-        f"""version: v1
-wardgate:
-  nodename: app-agent
-  data_dir: {agent_dir / "data"}
-  proxy_server: {apps.c.proxy}
-  auth_token: {secret}
-  ca_pin: {apps.c.pin}
-auth_service: {{enabled: false}}
-proxy_service: {{enabled: false}}
-ssh_service: {{enabled: false}}
-app_service:
+    static = apps.static.port  # type: ignore[union-attr]
+    agent = joined_agent(
+        apps.c,
+        tmp_path / "app-agent",
+        "app",
+        f"""app_service:
   enabled: true
   apps:
-    - {{name: tunnelled, uri: "http://127.0.0.1:{apps.static.port}", labels: {{env: dev}}}}
-""",  # type: ignore[union-attr]
+    - {{name: tunnelled, uri: "http://127.0.0.1:{static}", labels: {{env: dev}}}}
+""",
     )
     try:
         deadline = time.monotonic() + 20
