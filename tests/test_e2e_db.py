@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,10 +23,10 @@ import pytest
 
 from tests.cluster import (
     BIN,
-    Process,
     SSHCluster,
     audit,
     free_port,
+    joined_agent,
     login,
     wait_port,
     ward,
@@ -157,22 +159,35 @@ def test_denied_db_user_and_db_name_are_refused_clearly(dbc: DBCluster, dana: Pa
 
 
 class LocalProxy:
-    """`ward proxy db NAME --tunnel --port N` in the background."""
+    """`ward proxy db NAME [--tunnel] --port N` in the background."""
 
-    def __init__(self, home: Path, name: str) -> None:
+    def __init__(self, home: Path, name: str, *, tunnel: bool = True) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [str(BIN / "ward"), "proxy", "db", name, "--tunnel", f"--port={self.port}"],
+            [
+                str(BIN / "ward"),
+                "proxy",
+                "db",
+                name,
+                *(["--tunnel"] if tunnel else []),
+                f"--port={self.port}",
+            ],
             env=ward_env(home),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
         assert wait_port(self.port, time.monotonic() + 20), "ward proxy db did not listen"
+        assert self.proc.stdout is not None
+        self.printed = [self.proc.stdout.readline(), self.proc.stdout.readline(), self.proc.stdout.readline()]
+        self.command = self.printed[2].strip()
+        """The client command line it printed."""
 
-    def stop(self) -> None:
+    def stop(self) -> str:
+        """Stop it; what it printed (the connection hints, a warning per refused client)."""
         self.proc.terminate()
-        self.proc.wait(10)
+        out, _ = self.proc.communicate(timeout=10)
+        return out
 
 
 def test_python_drivers_with_prepared_statements_through_the_local_proxy(dbc: DBCluster, dana: Path) -> None:
@@ -210,6 +225,94 @@ def test_python_drivers_with_prepared_statements_through_the_local_proxy(dbc: DB
     params = [e.get("parameters") for e in queries(dbc, "dana") if "$1" in e.get("query", "")]
     assert ["1"] in params or [1] in params or any(p and "1" in map(str, p) for p in params)
     assert any("where id = 2" in t for t in texts)
+
+
+def _psql(port: int, conninfo: str, sql: str = "select 1") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["psql", f"host=127.0.0.1 port={port} user=reader dbname=app {conninfo}", "-w", "-At", "-c", sql],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PGPASSWORD": ""},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_local_proxy_without_tunnel_wants_the_database_certificate(
+    dbc: DBCluster, dana: Path, tmp_path: Path
+) -> None:
+    import asyncpg
+    import pymysql
+
+    assert run_ward(dana, "db", "login", "pg-main", "--db-user=reader", "--db-name=app").returncode == 0
+    assert run_ward(dana, "db", "login", "maria", "--db-user=reader", "--db-name=app").returncode == 0
+    files = json.loads(run_ward(dana, "db", "config", "pg-main", "--format=json").stdout)
+    my_files = json.loads(run_ward(dana, "db", "config", "maria", "--format=json").stdout)
+    cert, key, root = files["cert"], files["key"], files["local_ca"]
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-subj", "/CN=reader", "-days", "1",
+         "-keyout", str(tmp_path / "o.key"), "-out", str(tmp_path / "o.crt")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    other = f"sslmode=verify-ca sslrootcert='{root}' sslcert='{tmp_path}/o.crt' sslkey='{tmp_path}/o.key'"
+    pg, my = LocalProxy(dana, "pg-main", tunnel=False), LocalProxy(dana, "maria", tunnel=False)
+    try:
+        argv = shlex.split(pg.command)
+        assert argv[0] == "psql" and "sslmode=verify-ca" in argv[1] and root in argv[1] and cert in argv[1]
+        sql = "select name from items order by id"
+        out = subprocess.run([*argv, "-w", "-At", "-c", sql], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["apple", "pear"]
+
+        out = _psql(pg.port, "sslmode=disable")
+        assert out.returncode != 0
+        assert "needs TLS with your database certificate" in out.stderr and "--tunnel" in out.stderr
+
+        out = _psql(pg.port, f"sslmode=require sslrootcert='{root}'")
+        assert out.returncode != 0 and "present your certificate" in out.stderr, out.stderr
+
+        out = _psql(pg.port, other)
+        assert out.returncode != 0 and "SSL" in out.stderr, out.stderr
+
+        async def with_asyncpg() -> list[str]:
+            ctx = ssl.create_default_context(cafile=root)
+            ctx.load_cert_chain(cert, key)
+            conn = await asyncpg.connect(
+                host="127.0.0.1", port=pg.port, user="reader", database="app", ssl=ctx
+            )
+            try:
+                stmt = await conn.prepare("select name from items where id = $1")
+                return [await stmt.fetchval(1), await stmt.fetchval(2)]
+            finally:
+                await conn.close()
+
+        assert asyncio.run(with_asyncpg()) == ["apple", "pear"]
+
+        mariadb = ["mariadb", "-h", "127.0.0.1", "-P", str(my.port), "--protocol=TCP", "-u", "reader"]
+        mtls = [f"--ssl-ca={root}", f"--ssl-cert={my_files['cert']}", f"--ssl-key={my_files['key']}"]
+        sql = ["-N", "-B", "-e", "select name from items order by id", "app"]
+        out = subprocess.run(
+            mariadb + mtls + ["--ssl-verify-server-cert"] + sql, capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["apple", "pear"]
+        out = subprocess.run([*mariadb, "--skip-ssl", *sql], capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0 and "needs TLS with your database certificate" in out.stderr, out.stderr
+
+        conn = pymysql.connect(
+            host="127.0.0.1", port=my.port, user="reader", database="app",
+            ssl={"ca": root, "cert": my_files["cert"], "key": my_files["key"]},
+        )  # fmt: skip
+        with conn.cursor() as cur:
+            cur.execute("select name from items where id = %s", (2,))
+            assert cur.fetchone() == ("pear",)
+        conn.close()
+    finally:
+        pg_out, my_out = "".join(pg.printed) + pg.stop(), "".join(my.printed) + my.stop()
+    assert "sslmode=verify-ca" in pg_out and "connected without TLS" in pg_out, pg_out
+    assert "its certificate is not yours" in pg_out, pg_out
+    assert "--ssl-cert=" in my_out, my_out
 
 
 def test_password_user_for_databases_that_cannot_trust_the_ca(dbc: DBCluster, dana: Path) -> None:
@@ -305,22 +408,11 @@ def test_expired_certificate_is_refused_with_what_to_do(dbc: DBCluster, tmp_path
 
 
 def test_database_behind_a_reverse_tunnel(dbc: DBCluster, tmp_path: Path, dana: Path) -> None:
-    out = wardctl(dbc.cluster.data_dir, "tokens", "add", "--type=db", "--ttl=10m", "--format=json")
-    secret = json.loads(out.stdout)["token"]
-    agent_dir = tmp_path / "db-agent"
-    agent = Process(
-        agent_dir,
-        f"""version: v1
-wardgate:
-  nodename: db-agent
-  data_dir: {agent_dir / "data"}
-  proxy_server: {dbc.cluster.proxy}
-  auth_token: {secret}
-  ca_pin: {dbc.cluster.pin}
-auth_service: {{enabled: false}}
-proxy_service: {{enabled: false}}
-ssh_service: {{enabled: false}}
-db_service:
+    agent = joined_agent(
+        dbc.cluster,
+        tmp_path / "db-agent",
+        "db",
+        f"""db_service:
   enabled: true
   databases:
     - name: pg-tunnelled

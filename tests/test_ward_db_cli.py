@@ -16,10 +16,12 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -33,6 +35,7 @@ import yaml
 from aiohttp import web
 from click.testing import CliRunner
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tests.cluster import SSHCluster, wardctl
 from tests.test_ward_client import CLUSTER, Cluster, LoopThread
@@ -601,13 +604,6 @@ def test_ward_proxy_db_mysql_logs_in_and_the_server_speaks_first(env: Env, home:
 
 def test_ward_proxy_db_refusals(env: Env, home: Path, tmp_path: Path) -> None:
     assert invoke(home, "db", "login", "pg", "--db-user=alice").exit_code == 0
-    res = invoke(home, "proxy", "db", "pg")
-    assert res.exit_code == 1
-    assert (
-        "without --tunnel, your client would connect to the proxy itself with the certificate in"
-        in res.output
-    )
-    assert "not available yet; use --tunnel" in res.output
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -632,6 +628,129 @@ def test_ward_proxy_db_refusals(env: Env, home: Path, tmp_path: Path) -> None:
 
     res = invoke(home, "db", "ls")
     assert res.exit_code == 1 and "run `ward login" in res.output
+
+
+def _startup(user: str = "alice") -> bytes:
+    body = struct.pack("!i", 196608) + b"user\0" + user.encode() + b"\0\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+GSSENC_REQUEST = struct.pack("!ii", 8, 80877104)
+
+
+def _recv_all(s: socket.socket | ssl.SSLSocket) -> bytes:
+    out = b""
+    with contextlib.suppress(OSError):
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def _pg_tls(port: int, ctx: ssl.SSLContext, *, gss_first: bool = False) -> ssl.SSLSocket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    if gss_first:
+        s.sendall(GSSENC_REQUEST)
+        assert s.recv(1) == b"N"
+    s.sendall(SSL_REQUEST)
+    assert s.recv(1) == b"S"
+    return ctx.wrap_socket(s, server_hostname="127.0.0.1")
+
+
+def _pg_talk(port: int, ctx: ssl.SSLContext) -> bytes:
+    with _pg_tls(port, ctx) as s:
+        s.sendall(_startup())
+        if not (got := s.recv(1)):
+            raise ConnectionResetError("closed without a word")
+        return got
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    from wardgate.keys import generate_tls_key, private_key_pem
+
+    key = generate_tls_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alice")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1)).sign(key, hashes.SHA256())
+    )  # fmt: skip
+    (tmp_path / "other.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "other.key").write_text(private_key_pem(key))
+    return tmp_path / "other.crt", tmp_path / "other.key"
+
+
+def test_ward_proxy_db_without_tunnel_wants_the_database_certificate(
+    env: Env, home: Path, tmp_path: Path
+) -> None:
+    assert invoke(home, "db", "login", "pg", "--db-user=alice", "--db-name=orders").exit_code == 0
+    folder = db_dir(home, env)
+    libpq_key = home / "keys" / "libpq" / env.proxy.addr.replace(":", "_") / "alice-db" / "pg.key"
+    t = Tunnel(home, "pg")
+    try:
+        assert t.first.startswith(
+            'Started a local proxy to database "pg" (postgres, as alice, database orders)'
+        )
+        assert shlex.split(t.command) == [
+            "psql",
+            f"host=127.0.0.1 port={t.port} user=alice dbname=orders sslmode=verify-ca "
+            f"sslrootcert='{folder}/local.crt' sslcert='{folder}/pg.crt' sslkey='{libpq_key}'",
+        ]
+        assert libpq_key.is_symlink() and libpq_key.resolve() == (folder / "pg.key").resolve()
+        local_crt = load_x509((folder / "local.crt").read_text())
+        assert stat.S_IMODE((folder / "local.key").stat().st_mode) == 0o600
+        ctx = ssl.create_default_context(cafile=str(folder / "local.crt"))
+        ctx.load_cert_chain(folder / "pg.crt", folder / "pg.key")
+        payload = _startup() + os.urandom(300_000)
+        for gss_first in (False, True):
+            with _pg_tls(t.port, ctx, gss_first=gss_first) as s:
+                s.sendall(payload)
+                got = b""
+                while len(got) < len(payload):
+                    got += s.recv(1 << 20)
+                assert got == payload  # the fake proxy echoes what the startup began
+        assert {(x["alpn"], x["route"]) for x in env.proxy.seen} == {
+            ("ward-postgres", RouteToDatabase("pg", "postgres", "alice", "orders"))
+        }
+        seen = len(env.proxy.seen)
+
+        # No TLS: told what to do in an ErrorResponse, nothing dialled.
+        with socket.create_connection(("127.0.0.1", t.port), timeout=20) as s:
+            s.sendall(_startup())
+            answer = _recv_all(s)
+        assert (
+            answer[:1] == b"E"
+            and b"C28000" in answer
+            and b"needs TLS with your database certificate" in answer
+        )
+        # TLS but no certificate: the same, inside TLS, after the startup message.
+        bare = ssl.create_default_context(cafile=str(folder / "local.crt"))
+        with _pg_tls(t.port, bare) as s:
+            s.sendall(_startup())
+            answer = _recv_all(s)
+        assert answer[:1] == b"E" and b"C28000" in answer and b"present your certificate" in answer
+        # Another certificate (even for the same name): the handshake fails.
+        other = ssl.create_default_context(cafile=str(folder / "local.crt"))
+        other.load_cert_chain(*_self_signed(tmp_path))
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            _pg_talk(t.port, other)
+        assert len(env.proxy.seen) == seen
+        # The listener's certificate stays across runs.
+        assert load_x509((folder / "local.crt").read_text()) == local_crt
+    finally:
+        rc, err = t.stop()
+    assert rc == 0, err
+    assert "connected without TLS" in err and "without your certificate" in err
+    assert "its certificate is not yours" in err
+    assert err.strip().endswith('Stopped the proxy to database "pg".')
+    res = invoke(home, "db", "config", "pg", "--format", "json")
+    assert json.loads(res.stdout)["local_ca"] == str(folder / "local.crt")
+    assert invoke(home, "db", "logout").exit_code == 0 and not folder.exists()
+    assert not libpq_key.is_symlink()
 
 
 # ---------------------------------------------------------------- `ward db connect` with stand-in clients

@@ -399,7 +399,10 @@ def _warn(message: str) -> None:
     help="Local port (0: any free one).",
 )
 @click.option(
-    "--tunnel", is_flag=True, help="Add your identity here: local clients connect without certificates."
+    "--tunnel",
+    is_flag=True,
+    help="Add your identity here: local clients connect without TLS or certificates. "
+    "Without it they must present your database certificate.",
 )
 @click.option("--db-user", default="", help="Log in as this database user first (if not already).")
 @click.option("--db-name", default="", help="Log in to this database on the server first (if not already).")
@@ -408,12 +411,23 @@ def _warn(message: str) -> None:
 def proxy_db(name: str, port: int, tunnel: bool, db_user: str, db_name: str, proxy: str) -> None:
     """Listen on 127.0.0.1 and relay each connection to database NAME through the proxy.
 
-    With --tunnel every local connection gets its own TLS connection to the proxy carrying your
-    certificate for NAME (from `ward db login`), so psql, mysql or any GUI client connects to
-    127.0.0.1:PORT without TLS or a password. Runs until Ctrl-C.
+    Every local connection gets its own TLS connection to the proxy carrying your certificate
+    for NAME (from `ward db login`). Runs until Ctrl-C; prints the client command to use.
+
+    Without --tunnel, local clients must speak TLS to the listener and present that certificate
+    themselves, so other local users cannot use it. The printed command names the files
+    (`ward db config NAME` too; local.crt is the listener's own certificate):
+
+    \b
+      psql: sslmode=verify-ca sslrootcert=local.crt sslcert=NAME.crt sslkey=NAME.key
+      mysql/mariadb: --ssl-ca=local.crt --ssl-cert=NAME.crt --ssl-key=NAME.key
+
+    With --tunnel, psql, mysql or any GUI client connects to 127.0.0.1:PORT without TLS or a
+    password: anyone who can reach the port acts as you.
     """
     from wardgate.client.db import (
         LOCAL_HOST,
+        DBCertTunnel,
         DBStore,
         DBTunnel,
         check_db_name,
@@ -425,11 +439,6 @@ def proxy_db(name: str, port: int, tunnel: bool, db_user: str, db_name: str, pro
     check_db_name(name)
     profile = _load(proxy, valid=False)
     store = DBStore(profile)
-    if not tunnel:
-        raise BadParameterError(
-            f"without --tunnel, your client would connect to the proxy itself with the certificate in "
-            f"{store.folder}: that is not available yet; use --tunnel"
-        )
     login = runtime.run(ensure_login(profile, name, db_user, db_name, store=store, ask_code=_ask_mfa_code))
     login.require_valid()
     flavor = ""
@@ -438,19 +447,29 @@ def proxy_db(name: str, port: int, tunnel: bool, db_user: str, db_name: str, pro
 
         with contextlib.suppress(BadParameterError):
             flavor = find_client("mysql").flavor
+    kind = "tunnel" if tunnel else "proxy"
 
     def ready(bound: int) -> None:
         who = login.db_user + (f", database {login.db_name}" if login.db_name else "")
+        libpq_key = store.libpq_key_path(login) if login.protocol == "postgres" and not tunnel else None
+        cmd = connect_command(login, bound, flavor=flavor, tunnel=tunnel, libpq_key=libpq_key)
+        note = ""
+        if not tunnel:
+            note = (
+                f"Clients must present {login.cert_path} (key {login.key_path}"
+                + (f", for libpq clients {libpq_key}" if libpq_key and libpq_key != login.key_path else "")
+                + f") and verify this listener by {login.local_ca_path}.\n"
+            )
         click.echo(
-            f'Started a local tunnel to database "{name}" ({login.protocol}, as {who}) on '
-            f"{LOCAL_HOST}:{bound}. Connect with:\n\n  {connect_command(login, bound, flavor=flavor)}\n\n"
-            "Press Ctrl-C to stop."
+            f'Started a local {kind} to database "{name}" ({login.protocol}, as {who}) on '
+            f"{LOCAL_HOST}:{bound}. Connect with:\n\n  {cmd}\n\n{note}Press Ctrl-C to stop."
         )
         sys.stdout.flush()
 
-    t = DBTunnel(profile, name, store=store, on_error=_warn)
+    cls = DBTunnel if tunnel else DBCertTunnel
+    t = cls(profile, name, store=store, on_error=_warn)
     runtime.run(serve_tunnel(t, port=port, on_ready=ready))
-    err_console.print(f'Stopped the tunnel to database "{name}".', markup=False)
+    err_console.print(f'Stopped the {kind} to database "{name}".', markup=False)
 
 
 @proxy.command(name="app")
@@ -715,6 +734,7 @@ def db_config(name: str, fmt: str, proxy: str) -> None:
             ("Certificate", info["cert"]),
             ("Key", info["key"]),
             ("CA", info["ca"]),
+            ("Local CA", f"{info['local_ca']} (what `ward proxy db {login.name}` clients verify it by)"),
             ("Valid until", until),
         ]
     )

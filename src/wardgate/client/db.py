@@ -7,6 +7,9 @@ Layout, next to the profile's keys (``~/.ward/keys/<proxy>/<user>-db/``, 0700)::
     <NAME>.crt     the certificate `ward db login` got: the user's identity routed to NAME as one db user
     <NAME>.yaml    name, protocol, db_user, db_name, valid_until: what connect/proxy db/env need again
     ca.pem         the cluster's host CA certificates: how the tunnel recognises the proxy
+    local.crt      `ward proxy db` (without --tunnel): the listener's own self-signed certificate
+                   for localhost/127.0.0.1/::1, the root clients verify it by (sslrootcert)
+    local.key      its key (0600); both are made on first use and renewed a week before expiry
 
 `ward logout` removes the whole key folder, so these go with it.
 
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import ipaddress
 import logging
 import os
 import re
@@ -28,6 +33,7 @@ import shlex
 import shutil
 import signal
 import ssl
+import struct
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from wardgate.api.client import ConnectionFailed
 from wardgate.api.identityfile import server_trusting_context
@@ -45,6 +54,7 @@ from wardgate.client.localproxy import (
     BUFFER_SIZE,
     LOCAL_HOST,
     ErrorSink,
+    Held,
     LocalTunnel,
     TLSDial,
     server_hostname,
@@ -56,6 +66,8 @@ from wardgate.client.proxyclient import ProxyClient
 from wardgate.client.tlsstream import open_tls_connection
 from wardgate.errors import AccessDeniedError, BadParameterError, NotFoundError, WardgateError
 from wardgate.keys import generate_tls_key, load_private_key, load_x509, private_key_pem, public_key_pem
+from wardgate.protocols import mysql as my
+from wardgate.protocols import postgres as pg
 from wardgate.proxy.relay import RelayStats
 
 log = logging.getLogger(__name__)
@@ -63,6 +75,10 @@ log = logging.getLogger(__name__)
 ALPN = {"postgres": "ward-postgres", "mysql": "ward-mysql"}
 RENEW_MARGIN = timedelta(minutes=1)
 """`connect`/`proxy db` log in again when the certificate has less than this left."""
+LOCAL_CERT_TTL = timedelta(days=365)
+LOCAL_CERT_RENEW = timedelta(days=7)
+"""The local listener's certificate is made anew when it has less than this left."""
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 class NotLoggedInToDatabase(NotLoggedInError):
@@ -108,6 +124,11 @@ class DBLogin:
     @property
     def ca_path(self) -> Path:
         return self.folder / "ca.pem"
+
+    @property
+    def local_ca_path(self) -> Path:
+        """The root clients of `ward proxy db NAME` (without --tunnel) verify the listener by."""
+        return self.folder / "local.crt"
 
     @property
     def alpn(self) -> str:
@@ -167,6 +188,7 @@ class DBLogin:
             "cert": str(self.cert_path),
             "key": str(self.key_path),
             "ca": str(self.ca_path),
+            "local_ca": str(self.local_ca_path),
             "expired": self.is_expired(),
         }
 
@@ -278,12 +300,124 @@ class DBStore:
             with contextlib.suppress(FileNotFoundError):
                 (self.folder / f"{name}{suffix}").unlink()
                 found = True
+        proxy_dir = self.profile.home / "keys" / "libpq" / self.profile.proxy.replace(":", "_")
+        with contextlib.suppress(FileNotFoundError):
+            (proxy_dir / f"{self.profile.user}-db" / f"{name}.key").unlink()
         if found and not any(self.folder.glob("*.yaml")):
-            with contextlib.suppress(FileNotFoundError):
-                (self.folder / "ca.pem").unlink()
+            for leftover in ("ca.pem", "local.crt", "local.key", ".local.lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.folder / leftover).unlink()
             with contextlib.suppress(OSError):
                 self.folder.rmdir()
         return found
+
+    def libpq_key_path(self, login: DBLogin) -> Path:
+        """The key path to give libpq (psql, psycopg, pgAdmin): it reads an sslkey with a colon as
+        ENGINE:KEY, and the key folder is named after the proxy's host:port. So psql gets a
+        colon-free symlink, `~/.ward/keys/libpq/<host_port>/<user>-db/<NAME>.key`, kept pointing at
+        the key (a symlink grants nothing: the key stays 0600 in its 0700 folder)."""
+        if ":" not in str(login.key_path):
+            return login.key_path
+        folder = self.profile.home / "keys" / "libpq"
+        alias_dir = folder / self.profile.proxy.replace(":", "_") / f"{self.profile.user}-db"
+        alias = alias_dir / f"{login.name}.key"
+        if ":" in str(alias):
+            return login.key_path  # the ward home itself has one: nothing better to offer
+        for d in (folder, folder / self.profile.proxy.replace(":", "_"), alias_dir):
+            d.mkdir(mode=0o700, exist_ok=True)
+        target = str(login.key_path)
+        if not (alias.is_symlink() and os.readlink(alias) == target):
+            tmp = alias.with_name(f".{alias.name}.{os.getpid()}.tmp")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            os.symlink(target, tmp)
+            os.replace(tmp, alias)
+        return alias
+
+    # ---- the local listener's own certificate (`ward proxy db` without --tunnel)
+
+    @contextlib.contextmanager
+    def _local_lock(self) -> Any:
+        """Two `ward proxy db` runs must not make (or read half of) the local certificate at once."""
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.folder / ".local.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _local_cert_usable(self, now: datetime) -> bool:
+        try:
+            cert = load_x509((self.folder / "local.crt").read_bytes())
+            key = load_private_key((self.folder / "local.key").read_bytes())
+        except (OSError, ValueError, BadParameterError):
+            return False
+        return (
+            public_key_pem(cert.public_key()) == public_key_pem(key)
+            and cert.not_valid_after_utc - LOCAL_CERT_RENEW > now
+        )
+
+    def local_server_context(self, now: datetime | None = None) -> ssl.SSLContext:
+        """A TLS server context with the listener's certificate, made (or renewed) if needed.
+
+        Self-signed for localhost, 127.0.0.1 and ::1, kept in the profile so the root clients are
+        told to trust (`local.crt`) stays the same across runs; it proves nothing beyond "this is
+        the listener you started", which is all a loopback connection needs.
+        """
+        now = now or datetime.now(UTC)
+        crt, key_path = self.folder / "local.crt", self.folder / "local.key"
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        with self._local_lock():
+            if not self._local_cert_usable(now):
+                key = generate_tls_key()
+                atomic_write(key_path, private_key_pem(key), 0o600)
+                atomic_write(
+                    crt, self_signed_local_cert(key, now).public_bytes(serialization.Encoding.PEM), 0o644
+                )
+            ctx.load_cert_chain(crt, key_path)
+        return ctx
+
+
+def self_signed_local_cert(key: ec.EllipticCurvePrivateKey, now: datetime) -> x509.Certificate:
+    """The local listener's certificate: its own root (CA:TRUE, so strict verifiers accept it as
+    one), for the loopback names only."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ward local database proxy")])
+    sans: list[x509.GeneralName] = []
+    for n in LOCAL_NAMES:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + LOCAL_CERT_TTL)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
 
 
 # ---------------------------------------------------------------- talking to the cluster
@@ -494,6 +628,242 @@ class DBTunnel(LocalTunnel[DBLogin]):
             )
 
 
+class LocalClientRefused(AccessDeniedError):
+    """A local client of `ward proxy db` (without --tunnel) was refused; it was told why in its
+    own protocol where it could be, and the person running the listener gets this warning."""
+
+
+def require_saved_cert(ctx: ssl.SSLContext, login: DBLogin) -> ssl.SSLContext:
+    """Ask local clients for a certificate and trust exactly the one `ward db login` saved, as
+    its own anchor (a partial chain): only a holder of its key completes a handshake with one.
+    Optional at the TLS level so a client without one can still be told what to do."""
+    try:
+        pem = login.cert_path.read_text()
+    except FileNotFoundError:
+        raise NotLoggedInToDatabase(
+            f'your certificate for database "{login.name}" is missing: run `ward db login {login.name}`'
+        ) from None
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    ctx.load_verify_locations(cadata=pem)
+    return ctx
+
+
+def is_saved_cert(login: DBLogin, der: bytes | None, now: datetime | None = None) -> bool:
+    """The very certificate `ward db login` saved, or one for the same key that has not expired."""
+    if not der:
+        return False
+    try:
+        saved = load_x509(login.cert_path.read_bytes())
+        presented = x509.load_der_x509_certificate(der)
+    except (OSError, ValueError, BadParameterError):
+        return False
+    if der == saved.public_bytes(serialization.Encoding.DER):
+        return True
+    now = now or datetime.now(UTC)
+    return (
+        public_key_pem(presented.public_key()) == public_key_pem(saved.public_key())
+        and presented.not_valid_before_utc <= now < presented.not_valid_after_utc
+    )
+
+
+async def _read_mysql_packet(held: Held) -> tuple[int, bytes] | None:
+    """One physical MySQL packet (sequence id, payload) from a held connection; None at its end."""
+    if not await held.wait_for(my.HEADER_SIZE):
+        return None
+    n = int.from_bytes(held.pending()[:3], "little")
+    if n + my.HEADER_SIZE > held.limit:
+        raise ConnectionFailed(f"a {n}-byte MySQL packet during the login: not a MySQL client or server")
+    if not await held.wait_for(my.HEADER_SIZE + n):
+        return None
+    raw = held.take(my.HEADER_SIZE + n)
+    return raw[3], raw[my.HEADER_SIZE :]
+
+
+def offer_tls(greeting: bytes) -> bytes:
+    """The server's greeting with CLIENT_SSL added: the local client may (must) upgrade to TLS."""
+    my.HandshakeV10.parse(greeting)  # a real greeting, or ProtocolError
+    pos = greeting.index(b"\0", 1) + 1 + 4 + 8 + 1  # version, connection id, nonce part 1, filler
+    caps = int.from_bytes(greeting[pos : pos + 2], "little") | my.CLIENT_SSL
+    return greeting[:pos] + caps.to_bytes(2, "little") + greeting[pos + 2 :]
+
+
+def without_client_ssl(response: bytes) -> bytes:
+    """The client's login with CLIENT_SSL taken out: TLS was between the client and us only."""
+    caps = int.from_bytes(response[:4], "little") & ~my.CLIENT_SSL
+    return caps.to_bytes(4, "little") + response[4:]
+
+
+class DBCertTunnel(DBTunnel):
+    """`ward proxy db NAME` without --tunnel: the same relay, but only for local clients that
+    prove they hold this database's key.
+
+    Each client must speak TLS to the listener and present the certificate `ward db login`
+    saved (`<NAME>.crt` with `<NAME>.key`); the listener's own certificate is `local.crt`,
+    which clients verify it by. PostgreSQL: the SSLRequest is answered `S` (a GSSENCRequest `N`
+    first), the TLS handshake happens here, and the startup message flows on to the proxy
+    inside it. MySQL: the proxy's greeting is passed on with CLIENT_SSL offered, the client's
+    SSLRequest upgrades the connection, and the login exchange is relayed with sequence ids
+    shifted by the one packet the proxy never saw. A client without TLS or without the
+    certificate is told what to do in its protocol's error (SQLSTATE 28000); one with another
+    certificate fails the TLS handshake (TLS can only answer that with an alert).
+    """
+
+    greet_timeout = 30.0
+    """Seconds a local client has for its TLS request, handshake and login."""
+
+    def __init__(self, profile: Profile, name: str, **kwargs: Any) -> None:
+        super().__init__(profile, name, **kwargs)
+        self.store.local_server_context()  # made (or found) now, so the hints name a real file
+
+    def _how(self, login: DBLogin) -> str:
+        return (
+            f"present {login.cert_path} with key {login.key_path} and verify the listener by "
+            f"{login.local_ca_path} (`ward proxy db {login.name}` prints the command), or run "
+            f"`ward proxy db {login.name} --tunnel` for clients without certificates"
+        )
+
+    def _server_context(self, login: DBLogin) -> ssl.SSLContext:
+        return require_saved_cert(self.store.local_server_context(), login)
+
+    async def _tls(self, local: Held, login: DBLogin) -> bool:
+        """Upgrade a local client to TLS: True if it presented the saved certificate, False if it
+        presented none (it is then told so); a failed handshake is a refusal."""
+        if local.size:
+            raise LocalClientRefused(
+                f'a local client of database "{login.name}" sent data before TLS was agreed: refused'
+            )
+        try:
+            await local.start_tls_server(self._server_context(login), self.greet_timeout)
+        except ssl.SSLCertVerificationError as exc:
+            raise LocalClientRefused(
+                f'refused a local client of database "{login.name}": its certificate is not yours '
+                f"({exc.verify_message or exc}); clients must {self._how(login)}"
+            ) from None
+        except (ssl.SSLError, OSError) as exc:
+            why = getattr(exc, "reason", None) or exc or type(exc).__name__
+            raise LocalClientRefused(
+                f'TLS with a local client of database "{login.name}" failed ({why}); '
+                f"clients must {self._how(login)}"
+            ) from None
+        obj = local.transport.get_extra_info("ssl_object")
+        return is_saved_cert(login, obj.getpeercert(binary_form=True) if obj else None)
+
+    def _no_cert(self, login: DBLogin) -> str:
+        return (
+            f'ward proxy db: present your certificate for database "{login.name}" '
+            f"({login.cert_path} with key {login.key_path}, from `ward db login {login.name}`)"
+        )
+
+    def _no_tls(self, login: DBLogin) -> str:
+        return f'ward proxy db: database "{login.name}" needs TLS with your database certificate here: ' + (
+            self._how(login)
+        )
+
+    async def greet_local(self, local: Held, login: DBLogin) -> bool:
+        if login.protocol != "postgres":
+            return True
+        try:
+            async with asyncio.timeout(self.greet_timeout):
+                return await self._pg_greet(local, login)
+        except TimeoutError:
+            raise LocalClientRefused(
+                f'a local client of database "{login.name}" did not finish TLS in {self.greet_timeout:.0f} s'
+            ) from None
+
+    async def _pg_greet(self, local: Held, login: DBLogin) -> bool:
+        while True:
+            if not await local.wait_for(8):
+                return False
+            length, code = struct.unpack("!ii", local.pending()[:8])
+            if length == 8 and code == pg.GSSENC_REQUEST_CODE:
+                local.take(8)
+                local.transport.write(b"N")
+                continue
+            if length == 8 and code == pg.SSL_REQUEST_CODE:
+                local.take(8)
+                break
+            if length == 16 and code == pg.CANCEL_REQUEST_CODE:
+                return True  # psql sends these without TLS; the session's secret key is the proof
+            if 8 <= length <= pg.MAX_STARTUP:
+                await local.wait_for(length)  # all of it read: closing then cannot reset the answer away
+            local.transport.write(pg.error_response(self._no_tls(login)))
+            raise LocalClientRefused(
+                f'refused a local client of database "{login.name}" that connected without TLS '
+                f"(sslmode=disable): clients must {self._how(login)}"
+            )
+        local.transport.write(b"S")
+        if await self._tls(local, login):
+            return True
+        if await local.wait_for(4):  # its startup message first, then the answer to it
+            length = struct.unpack("!i", local.pending()[:4])[0]
+            if 8 <= length <= pg.MAX_STARTUP:
+                await local.wait_for(length)
+        local.transport.write(pg.error_response(self._no_cert(login)))
+        raise LocalClientRefused(
+            f'refused a local client of database "{login.name}" without your certificate: '
+            f"clients must {self._how(login)}"
+        )
+
+    async def greet_remote(self, local: Held, remote: Held, login: DBLogin) -> bool:
+        if login.protocol != "mysql":
+            return True
+        try:
+            async with asyncio.timeout(self.greet_timeout):
+                return await self._my_greet(local, remote, login)
+        except TimeoutError:
+            raise LocalClientRefused(
+                f'a local client of database "{login.name}" did not finish its login in '
+                f"{self.greet_timeout:.0f} s"
+            ) from None
+        except my.ProtocolError as exc:
+            raise ConnectionFailed(f'bad MySQL greeting from database "{login.name}": {exc}') from None
+
+    async def _my_greet(self, local: Held, remote: Held, login: DBLogin) -> bool:
+        got = await _read_mysql_packet(remote)
+        if got is None:
+            return True  # the proxy closed at once: the relay ends and says why
+        seq, greeting = got
+        local.transport.write(my.encode_packet(seq, offer_tls(greeting)))
+        if (got := await _read_mysql_packet(local)) is None:
+            return False
+        seq, first = got
+        is_ssl_request = (
+            len(first) == my.SSLRequest.SIZE and int.from_bytes(first[:4], "little") & my.CLIENT_SSL
+        )
+        if not is_ssl_request:
+            local.transport.write(
+                my.err_packet(seq + 1, my.ER_ACCESS_DENIED_ERROR, "28000", self._no_tls(login))
+            )
+            raise LocalClientRefused(
+                f'refused a local client of database "{login.name}" that connected without TLS: '
+                f"clients must {self._how(login)}"
+            )
+        if not await self._tls(local, login):
+            if (got := await _read_mysql_packet(local)) is not None:
+                local.transport.write(
+                    my.err_packet(got[0] + 1, my.ER_ACCESS_DENIED_ERROR, "28000", self._no_cert(login))
+                )
+            raise LocalClientRefused(
+                f'refused a local client of database "{login.name}" without your certificate: '
+                f"clients must {self._how(login)}"
+            )
+        # The login and any further exchange until OK or ERR: the client counts the SSLRequest.
+        if (got := await _read_mysql_packet(local)) is None:
+            return False
+        remote.transport.write(my.encode_packet((got[0] - 1) & 0xFF, without_client_ssl(got[1])))
+        for _ in range(16):
+            if (got := await _read_mysql_packet(remote)) is None:
+                return True
+            local.transport.write(my.encode_packet((got[0] + 1) & 0xFF, got[1]))
+            if got[1][:1] in (b"\x00", b"\xff"):
+                return True
+            if (got := await _read_mysql_packet(local)) is None:
+                return False
+            remote.transport.write(my.encode_packet((got[0] - 1) & 0xFF, got[1]))
+        raise ConnectionFailed(f'the login to database "{login.name}" went on too long: refused')
+
+
 # ---------------------------------------------------------------- native clients
 
 
@@ -544,12 +914,30 @@ def _conninfo_value(v: str) -> str:
     return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def psql_conninfo(port: int, db_user: str, db_name: str = "", host: str = LOCAL_HOST) -> str:
-    """A libpq connection string for the local tunnel (no TLS: the tunnel does it)."""
+def psql_conninfo(
+    port: int,
+    db_user: str,
+    db_name: str = "",
+    host: str = LOCAL_HOST,
+    *,
+    tls: DBLogin | None = None,
+    libpq_key: Path | None = None,
+) -> str:
+    """A libpq connection string for the local listener: no TLS for the tunnel (it does TLS), or
+    with `tls`, this login's certificate and the listener's root (`ward proxy db` without --tunnel;
+    `libpq_key` is the key's colon-free path, see `DBStore.libpq_key_path`)."""
     parts = [f"host={host}", f"port={int(port)}", f"user={_conninfo_value(db_user)}"]
     if db_name:
         parts.append(f"dbname={_conninfo_value(db_name)}")
-    parts.append("sslmode=disable")
+    if tls is None:
+        parts.append("sslmode=disable")
+    else:
+        parts += [
+            "sslmode=verify-ca",
+            f"sslrootcert={_conninfo_value(str(tls.local_ca_path))}",
+            f"sslcert={_conninfo_value(str(tls.cert_path))}",
+            f"sslkey={_conninfo_value(str(libpq_key or tls.key_path))}",
+        ]
     return " ".join(parts)
 
 
@@ -601,16 +989,32 @@ def client_env(protocol: str, base: Mapping[str, str] | None = None) -> dict[str
     return env
 
 
-def connect_command(login: DBLogin, port: int, *, flavor: str = "") -> str:
-    """The ready-to-paste line `ward proxy db` prints."""
+def mysql_tls_flags(flavor: str, login: DBLogin) -> list[str]:
+    """Client options for `ward proxy db` without --tunnel: the certificate, and the listener's root."""
+    files = [
+        f"--ssl-ca={login.local_ca_path}",
+        f"--ssl-cert={login.cert_path}",
+        f"--ssl-key={login.key_path}",
+    ]
+    return ["--ssl-mode=VERIFY_CA", *files] if flavor == "mysql" else [*files, "--ssl-verify-server-cert"]
+
+
+def connect_command(
+    login: DBLogin, port: int, *, flavor: str = "", tunnel: bool = True, libpq_key: Path | None = None
+) -> str:
+    """The ready-to-paste line `ward proxy db` prints (with the certificate files unless `tunnel`)."""
     if login.protocol == "postgres":
-        info = psql_conninfo(port, login.db_user, login.db_name)
+        tls = None if tunnel else login
+        info = psql_conninfo(port, login.db_user, login.db_name, tls=tls, libpq_key=libpq_key)
         quoted = f'"{info}"' if re.fullmatch(r"[\w.=@+:/ -]*", info) else shlex.quote(info)
         return f"psql {quoted}"
     argv = ["mysql", "-h", LOCAL_HOST, "-P", str(port), "-u", login.db_user]
     if login.db_name:
         argv.append(login.db_name)
-    argv.append(mysql_ssl_flag(flavor or "mariadb"))
+    if tunnel:
+        argv.append(mysql_ssl_flag(flavor or "mariadb"))
+    else:
+        argv += mysql_tls_flags(flavor or "mariadb", login)
     return " ".join(shlex.quote(a) for a in argv)
 
 

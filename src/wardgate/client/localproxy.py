@@ -1,4 +1,4 @@
-"""Local listeners for native clients: `ward proxy db --tunnel`, `ward proxy app`.
+"""Local listeners for native clients: `ward proxy db [--tunnel]`, `ward proxy app`.
 
 Every connection a local client makes gets its own TLS connection to the proxy's one port,
 carrying a certificate routed to one resource (a database, an app), and the two are relayed
@@ -83,7 +83,11 @@ def tls_failure(
 
 class Held(asyncio.Protocol):
     """A connection waiting for the relay: keeps what arrives (reading stops after one buffer's
-    worth, so a fast sender cannot make us hoard) and whether its peer finished or left."""
+    worth, so a fast sender cannot make us hoard) and whether its peer finished or left.
+
+    `wait_for` and `take` let a subclass's `greet` read a protocol's first messages (and answer
+    them, or upgrade the connection to TLS) before the relay takes over what is left.
+    """
 
     def __init__(self, limit: int, on_made: Callable[[Held], None] | None = None) -> None:
         self.limit = limit
@@ -94,6 +98,12 @@ class Held(asyncio.Protocol):
         self.eof = False
         self.lost = False
         self.error: BaseException | None = None
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -103,19 +113,59 @@ class Held(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
         self.size += len(data)
-        if self.size >= self.limit:
+        if self.size >= self.limit and not self._paused:
+            self._paused = True
             self.transport.pause_reading()
+        self._wake()
 
     def eof_received(self) -> bool:
         self.eof = True
+        self._wake()
         return bool(self.transport.can_write_eof())  # TCP stays open to write; TLS closes
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.error = exc
+        self._wake()
 
     def pending(self) -> bytes:
         return b"".join(self.chunks)
+
+    async def wait_for(self, n: int) -> bool:
+        """Until `n` bytes are here (True) or the peer finished or left first (False)."""
+        if n > self.limit:
+            raise ValueError(f"cannot hold {n} bytes (the limit is {self.limit})")
+        while self.size < n:
+            if self.eof or self.lost:
+                return False
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return True
+
+    def take(self, n: int) -> bytes:
+        """The first `n` bytes held (call `wait_for(n)` first); reading resumes if it had stopped."""
+        data = self.pending()
+        head, rest = data[:n], data[n:]
+        self.chunks = [rest] if rest else []
+        self.size = len(rest)
+        if self._paused and self.size < self.limit and not self.lost:
+            self._paused = False
+            self.transport.resume_reading()
+        return head
+
+    async def start_tls_server(self, ctx: ssl.SSLContext, handshake_timeout: float) -> None:
+        """Upgrade this (accepted) connection to TLS as the server; what follows arrives decrypted.
+
+        Called when nothing is held: a client that sent more than its TLS request before the
+        answer is refused by the caller (plaintext must not leak into the encrypted stream).
+        """
+        loop = asyncio.get_running_loop()
+        self.transport = await loop.start_tls(
+            self.transport, self, ctx, server_side=True, ssl_handshake_timeout=handshake_timeout
+        )
 
 
 @dataclass(frozen=True)
@@ -172,6 +222,18 @@ class LocalTunnel(abc.ABC, Generic[L]):
     @abc.abstractmethod
     def check_peer(self, login: L, ssl_object: ssl.SSLObject | None) -> None:
         """Raise unless the proxy answered as it should (ALPN, identity) before any byte goes."""
+
+    async def greet_local(self, local: Held, login: L) -> bool:
+        """Before dialling: what this mode does with the local client first (by default nothing).
+
+        False ends the connection quietly (the client left); a WardgateError ends it with a
+        warning, after the subclass told the client why in its own protocol.
+        """
+        return True
+
+    async def greet_remote(self, local: Held, remote: Held, login: L) -> bool:
+        """After dialling, before the relay: as `greet_local`, with the proxy's stream at hand."""
+        return True
 
     def check_end(self, login: L, stats: RelayStats) -> None:
         """Turn how a relay ended into a message, when it ended badly."""
@@ -279,6 +341,8 @@ class LocalTunnel(abc.ABC, Generic[L]):
 
     async def _relay(self, local: Held) -> None:
         login = await self.prepare()
+        if not await self.greet_local(local, login):
+            return
         try:
             remote = await self._dial(login)
         except WardgateError:
@@ -292,6 +356,9 @@ class LocalTunnel(abc.ABC, Generic[L]):
             self.check_peer(login, remote.transport.get_extra_info("ssl_object"))
             if remote.lost and isinstance(remote.error, ssl.SSLError):
                 raise self.tls_failure(login, remote.error)
+            if not await self.greet_remote(local, remote, login):
+                remote.transport.abort()
+                return
         except BaseException:
             remote.transport.abort()
             raise
