@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from wardgate import __version__
@@ -35,6 +37,9 @@ def start(config_path: str | None, data_dir: str | None, debug: bool) -> None:
     if data_dir and config_path:
         cfg.wardgate.data_dir = data_dir
     runtime.setup_logging("debug" if debug else cfg.wardgate.log.severity, cfg.wardgate.log.format)
+    tuned = runtime.tune_allocator()
+    if tuned:
+        logging.getLogger("wardgate").debug("allocator tuned: %s", ", ".join(tuned))
 
     def started(s: Started) -> None:
         console.print(f"[bold]Wardgate {__version__}[/] cluster [bold]{s.cluster_name}[/] is up.")
