@@ -15,8 +15,11 @@ from wardgate.cli.output import FORMATS, console, details, dump, err_console, gu
 from wardgate.errors import AccessDeniedError, AuthenticationError, BadParameterError, NotFoundError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from wardgate.client.db import DBLogin
     from wardgate.client.profile import Profile
+    from wardgate.client.routed import LoginStore
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,6 +112,13 @@ def _load(proxy: str = "", *, valid: bool = True) -> Profile:
 
 PROXY_OPTION = click.option(
     "--proxy", default="", help="Use the profile of this proxy (HOST:PORT) instead of the current one."
+)
+LOCAL_PORT_OPTION = click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Local port (0: any free one).",
 )
 
 
@@ -391,13 +401,7 @@ def _warn(message: str) -> None:
 
 @proxy.command(name="db")
 @click.argument("name")
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=0,
-    show_default=True,
-    help="Local port (0: any free one).",
-)
+@LOCAL_PORT_OPTION
 @click.option(
     "--tunnel",
     is_flag=True,
@@ -474,13 +478,7 @@ def proxy_db(name: str, port: int, tunnel: bool, db_user: str, db_name: str, pro
 
 @proxy.command(name="app")
 @click.argument("name")
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=0,
-    show_default=True,
-    help="Local port (0: any free one).",
-)
+@LOCAL_PORT_OPTION
 @click.option(
     "--bind",
     default="127.0.0.1",
@@ -617,6 +615,19 @@ def db_login(name: str, db_user: str, db_name: str, proxy: str) -> None:
     )
 
 
+def _logout(store: LoginStore, name: str | None, say: Callable[[str], object]) -> None:
+    """`ward db logout` / `ward app logout`: forget NAME's certificate, or every one."""
+    if name:
+        if not store.remove(name):
+            raise NotFoundError(f'not logged in to {store.noun} "{name}"')
+        say(f'Logged out of {store.noun} "{name}".')
+        return
+    names = [x.name for x in store.logins()]
+    for n in names:
+        store.remove(n)
+    say(f"Logged out of {', '.join(names)}." if names else f"Not logged in to any {store.noun}.")
+
+
 @db.command(name="logout")
 @click.argument("name", required=False)
 @PROXY_OPTION
@@ -625,18 +636,7 @@ def db_logout(name: str | None, proxy: str) -> None:
     """Forget the certificate of database NAME (without NAME: of every database)."""
     from wardgate.client.db import DBStore
 
-    store = DBStore(_load(proxy, valid=False))
-    if name:
-        if not store.remove(name):
-            raise NotFoundError(f'not logged in to database "{name}"')
-        console.print(f'Logged out of database "{name}".', markup=False)
-        return
-    names = [x.name for x in store.logins()]
-    for n in names:
-        store.remove(n)
-    console.print(
-        f"Logged out of {', '.join(names)}." if names else "Not logged in to any database.", markup=False
-    )
+    _logout(DBStore(_load(proxy, valid=False)), name, lambda text: console.print(text, markup=False))
 
 
 @db.command(name="connect")
@@ -831,16 +831,7 @@ def app_logout(name: str | None, proxy: str) -> None:
     """Forget the certificate of app NAME (without NAME: of every app)."""
     from wardgate.client.app import AppStore
 
-    store = AppStore(_load(proxy, valid=False))
-    if name:
-        if not store.remove(name):
-            raise NotFoundError(f'not logged in to app "{name}"')
-        click.echo(f'Logged out of app "{name}".')
-        return
-    names = [x.name for x in store.logins()]
-    for n in names:
-        store.remove(n)
-    click.echo(f"Logged out of {', '.join(names)}." if names else "Not logged in to any app.")
+    _logout(AppStore(_load(proxy, valid=False)), name, click.echo)
 
 
 @app.command(name="config")

@@ -31,16 +31,13 @@ import socket
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cryptography import x509
 
 from wardgate.api.client import ConnectionFailed
-from wardgate.api.identityfile import server_trusting_context
-from wardgate.api.resources import NAME_RE
 from wardgate.auth.certs import verify_tls_identity
 from wardgate.auth.identity import Identity
 from wardgate.client.localproxy import (
@@ -59,9 +56,12 @@ from wardgate.client.profile import (
     Profile,
     ProfileStore,
     atomic_write,
+    private_dir,
     split_host_port,
+    utc_text,
 )
 from wardgate.client.proxyclient import ProxyClient
+from wardgate.client.routed import LoginStore, RoutedLogin, check_resource_name, issued_cert, session_factor
 from wardgate.client.tlsstream import open_tls_connection
 from wardgate.errors import (
     AccessDeniedError,
@@ -92,9 +92,7 @@ class AppCertExpired(NotLoggedInToApp):
 
 
 def check_app_name(name: str) -> str:
-    if not NAME_RE.match(name or ""):
-        raise BadParameterError(f"bad app name {name!r}: `ward apps ls` lists the names")
-    return name
+    return check_resource_name(name, "app", "ward apps ls")
 
 
 def app_not_found(name: str) -> NotFoundError:
@@ -121,14 +119,21 @@ def _join_host_port(host: str, port: int) -> str:
 # ---------------------------------------------------------------- the certificate store
 
 
-def _private_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-
-
 @dataclass
-class AppLogin:
-    """One `ward app login`: which app, where it is published, until when, and the files to use."""
+class AppLogin(
+    RoutedLogin,
+    noun="app",
+    command="app",
+    error=NotLoggedInToApp,
+    expired_error=AppCertExpired,
+    cert_suffix="-x509.pem",
+):
+    """One `ward app login`: which app, where it is published, until when, and the files to use.
+
+    Its `ssl_context` checks no host names (`server_trusting_context`): the app's public host,
+    sent as SNI, need not be in the proxy's certificate (`<name>.localhost` never is). Who
+    answered is checked after the handshake instead, by `check_proxy_identity`.
+    """
 
     name: str
     kind: str
@@ -138,14 +143,6 @@ class AppLogin:
     folder: Path
     key_path: Path
     ca_path: Path
-
-    @property
-    def cert_path(self) -> Path:
-        return self.folder / f"{self.name}-x509.pem"
-
-    @property
-    def meta_path(self) -> Path:
-        return self.folder / f"{self.name}.yaml"
 
     @property
     def public_host(self) -> str:
@@ -173,17 +170,6 @@ class AppLogin:
             return f"tcp://{shown}:{port}"
         return f"https://{shown}/" if port == 443 else f"https://{shown}:{port}/"
 
-    def is_expired(self, now: datetime | None = None, margin: timedelta = timedelta(0)) -> bool:
-        return (now or datetime.now(UTC)) + margin >= self.valid_until
-
-    def require_valid(self, now: datetime | None = None) -> AppLogin:
-        if self.is_expired(now):
-            raise AppCertExpired(
-                f'your certificate for app "{self.name}" expired at '
-                f"{self.valid_until:%Y-%m-%d %H:%M:%S} UTC: run `ward app login {self.name}` again"
-            )
-        return self
-
     def matches_key(self) -> bool:
         """Is the certificate for the key it will be used with? (Not after a new `ward login`.)"""
         try:
@@ -204,97 +190,44 @@ class AppLogin:
             raise NotLoggedInToApp(f"no cluster CA in {self.ca_path}: run `ward login` again")
         return [text]
 
-    def ssl_context(self) -> ssl.SSLContext:
-        """Mutual TLS to the proxy: this app's certificate out, the cluster's host CA in.
-
-        Host names are not checked (`server_trusting_context`): the app's public host, sent as
-        SNI, need not be in the proxy's certificate (`<name>.localhost` never is). Who answered
-        is checked after the handshake instead, by `check_proxy_identity`.
-        """
-        ctx = server_trusting_context(self.ca_pems())
-        try:
-            ctx.load_cert_chain(self.cert_path, self.key_path)
-        except (FileNotFoundError, ssl.SSLError) as exc:
-            raise NotLoggedInToApp(
-                f'cannot load your certificate for app "{self.name}" ({exc}): '
-                f"run `ward app login {self.name}` again"
-            ) from None
-        ctx.set_alpn_protocols([self.alpn])
-        return ctx
-
     def to_dict(self) -> dict[str, Any]:
         """What `<NAME>.yaml` holds."""
         return {
             "name": self.name,
             "kind": self.kind,
             "public_addr": self.public_addr,
-            "valid_until": self.valid_until.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "valid_until": utc_text(self.valid_until),
         }
 
 
-class AppStore:
+class AppStore(LoginStore[AppLogin]):
     """The app certificates of one profile (see the module docstring for the layout)."""
 
-    def __init__(self, profile: Profile) -> None:
-        self.profile = profile
-        self.folder = profile.key_dir / f"{profile.user}-app"
+    login_class = AppLogin
+    folder_suffix = "-app"
+    files = (".yaml", "-x509.pem")
+    renew_margin = RENEW_MARGIN
 
-    def _login(self, name: str, data: Any) -> AppLogin:
-        try:
-            until = data["valid_until"]
-            if isinstance(until, str):
-                until = datetime.fromisoformat(until.replace("Z", "+00:00"))
-            if until.tzinfo is None:
-                until = until.replace(tzinfo=UTC)
-            host, port = public_endpoint(str(data["public_addr"]), self.profile.proxy_port)
-            return AppLogin(
-                name=name,
-                kind=str(data["kind"]),
-                public_addr=_join_host_port(host, port),
-                valid_until=until,
-                folder=self.folder,
-                key_path=self.profile.tls_key_path,
-                ca_path=self.profile.host_ca_path,
-            )
-        except (KeyError, TypeError, ValueError, AttributeError, WardgateError):
-            raise NotLoggedInToApp(
-                f'the saved login for app "{name}" is damaged: run `ward app login {name}` again'
-            ) from None
+    check_name = staticmethod(check_app_name)
 
-    def find(self, name: str) -> AppLogin | None:
-        check_app_name(name)
-        try:
-            data = yaml.safe_load((self.folder / f"{name}.yaml").read_text())
-        except FileNotFoundError:
-            return None
-        except yaml.YAMLError:
-            data = None
-        return self._login(name, data)
+    def _app_login(self, name: str, kind: str, public_addr: str, valid_until: datetime) -> AppLogin:
+        host, port = public_endpoint(public_addr, self.profile.proxy_port)
+        return AppLogin(
+            name=name,
+            kind=kind,
+            public_addr=_join_host_port(host, port),
+            valid_until=valid_until,
+            folder=self.folder,
+            key_path=self.profile.tls_key_path,
+            ca_path=self.profile.host_ca_path,
+        )
 
-    def load(self, name: str) -> AppLogin:
-        found = self.find(name)
-        if found is None:
-            raise NotLoggedInToApp(f'not logged in to app "{name}": run `ward app login {name}`')
-        return found
+    def from_yaml(self, name: str, data: Any, valid_until: datetime) -> AppLogin:
+        return self._app_login(name, str(data["kind"]), str(data["public_addr"]), valid_until)
 
-    def current(self, name: str, margin: timedelta = RENEW_MARGIN) -> AppLogin | None:
-        """The saved login if it can be used right now (valid a while yet, for today's key)."""
-        with contextlib.suppress(NotLoggedInToApp):
-            found = self.find(name)
-            if found is not None and not found.is_expired(margin=margin) and found.matches_key():
-                return found
-        return None
-
-    def logins(self) -> list[AppLogin]:
-        out = []
-        if self.folder.is_dir():
-            for p in sorted(self.folder.glob("*.yaml")):
-                name = p.name[: -len(".yaml")]
-                if NAME_RE.match(name):
-                    with contextlib.suppress(NotLoggedInToApp):
-                        if (found := self.find(name)) is not None:
-                            out.append(found)
-        return out
+    def usable(self, login: AppLogin) -> bool:
+        """For today's key (not one of an earlier `ward login`)."""
+        return login.matches_key()
 
     def save(
         self, name: str, *, kind: str, public_addr: str, cert_pem: str, ca_pems: Sequence[str]
@@ -304,48 +237,31 @@ class AppStore:
         check_app_name(name)
         profile = self.profile
         cert = load_x509(cert_pem)
-        try:
-            key = load_private_key(profile.tls_key_path.read_bytes())
-        except FileNotFoundError:
-            raise NotLoggedInError(
-                f"your key for {profile.proxy} is missing: run `ward login` again"
-            ) from None
-        if public_key_pem(cert.public_key()) != public_key_pem(key):
-            raise WardgateError("the cluster returned a certificate for a different key: not saving it")
-        host, port = public_endpoint(public_addr, profile.proxy_port)
-        _private_dir(self.folder)
+        key = _tls_key(profile)
+        self._check_cert(cert, key)
+        login = self._app_login(name, kind, public_addr, cert.not_valid_after_utc)
+        self.make_folder()
         if not profile.host_ca_path.exists():  # `ward login` keeps one; curl --cacert needs it
             if not ca_pems:
                 raise WardgateError(
                     "the cluster sent no CA to verify the proxy by: not saving the certificate"
                 )
-            _private_dir(profile.host_ca_path.parent)
+            private_dir(profile.host_ca_path.parent)
             atomic_write(profile.host_ca_path, "".join(p.strip() + "\n" for p in ca_pems), 0o644)
-        login = AppLogin(
-            name=name,
-            kind=kind,
-            public_addr=_join_host_port(host, port),
-            valid_until=cert.not_valid_after_utc,
-            folder=self.folder,
-            key_path=profile.tls_key_path,
-            ca_path=profile.host_ca_path,
-        )
-        atomic_write(login.cert_path, cert_pem.strip() + "\n", 0o644)
-        atomic_write(login.meta_path, yaml.safe_dump(login.to_dict(), sort_keys=False), 0o600)
-        return login
+        return self._write(login, cert_pem)
 
-    def remove(self, name: str) -> bool:
-        """Forget app NAME's certificate; True if there was one."""
-        check_app_name(name)
-        found = False
-        for suffix in (".yaml", "-x509.pem"):
-            with contextlib.suppress(FileNotFoundError):
-                (self.folder / f"{name}{suffix}").unlink()
-                found = True
+    def removed(self, name: str, found: bool) -> None:
         if found and not any(self.folder.iterdir()):
             with contextlib.suppress(OSError):
                 self.folder.rmdir()
-        return found
+
+
+def _tls_key(profile: Profile) -> Any:
+    """The profile's TLS key, which app certificates are for."""
+    try:
+        return load_private_key(profile.tls_key_path.read_bytes())
+    except FileNotFoundError:
+        raise NotLoggedInError(f"your key for {profile.proxy} is missing: run `ward login` again") from None
 
 
 # ---------------------------------------------------------------- talking to the cluster
@@ -377,10 +293,7 @@ async def app_login(
     """
     check_app_name(name)
     store = store or AppStore(profile)
-    try:
-        key = load_private_key(profile.tls_key_path.read_bytes())
-    except FileNotFoundError:
-        raise NotLoggedInError(f"your key for {profile.proxy} is missing: run `ward login` again") from None
+    key = _tls_key(profile)
     async with ProxyClient.for_profile(profile) as c:
         entry = find_app(await c.visible_apps(), name)
         kind = str(entry.get("uri_kind") or "")
@@ -389,23 +302,17 @@ async def app_login(
         public_addr = str(entry.get("public_addr") or "")
         if not public_addr:
             raise WardgateError(f'the cluster did not say where app "{name}" is published')
-        factor: dict[str, str] = {}
-        if entry.get("require_session_mfa"):
-            # Roles want a fresh second factor per session: the certificate lasts a minute.
-            if ask_code is None:
-                raise AccessDeniedError(
-                    f'your roles require a second factor for each session on app "{name}": '
-                    f"run `ward app login {name}` in a terminal"
-                )
-            factor["otp"] = ask_code()
+        factor = session_factor(
+            entry,
+            ask_code,
+            f'your roles require a second factor for each session on app "{name}": '
+            f"run `ward app login {name}` in a terminal",
+        )
         try:
             resp = await c.app_user_cert(app=name, tls_public_key=public_key_pem(key), **factor)
         except (AccessDeniedError, AuthenticationError, BadParameterError, NotFoundError) as exc:
             raise type(exc)(f'cannot log in to app "{name}": {exc}') from None
-    cert_pem = str(resp.get("tls_cert") or "")
-    if not cert_pem:
-        raise WardgateError(f"the proxy at {profile.proxy} answered without a certificate")
-    ca_pems = [str(p) for p in resp.get("host_ca_pems") or []]
+    cert_pem, ca_pems = issued_cert(profile, resp)
     return store.save(name, kind=kind, public_addr=public_addr, cert_pem=cert_pem, ca_pems=ca_pems)
 
 

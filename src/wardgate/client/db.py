@@ -41,15 +41,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from wardgate.api.client import ConnectionFailed
-from wardgate.api.identityfile import server_trusting_context
-from wardgate.api.resources import NAME_RE
 from wardgate.client.localproxy import (
     BUFFER_SIZE,
     LOCAL_HOST,
@@ -61,8 +58,9 @@ from wardgate.client.localproxy import (
     tls_failure,
     unreachable,
 )
-from wardgate.client.profile import NotLoggedInError, Profile, atomic_write, split_host_port
+from wardgate.client.profile import NotLoggedInError, Profile, atomic_write, split_host_port, utc_text
 from wardgate.client.proxyclient import ProxyClient
+from wardgate.client.routed import LoginStore, RoutedLogin, check_resource_name, issued_cert, session_factor
 from wardgate.client.tlsstream import open_tls_connection
 from wardgate.errors import AccessDeniedError, BadParameterError, NotFoundError, WardgateError
 from wardgate.keys import generate_tls_key, load_private_key, load_x509, private_key_pem, public_key_pem
@@ -90,16 +88,21 @@ class DatabaseCertExpired(NotLoggedInToDatabase):
 
 
 def check_db_name(name: str) -> str:
-    if not NAME_RE.match(name or ""):
-        raise BadParameterError(f"bad database name {name!r}: `ward db ls` lists the names")
-    return name
+    return check_resource_name(name, "database", "ward db ls")
 
 
 # ---------------------------------------------------------------- the certificate store
 
 
 @dataclass
-class DBLogin:
+class DBLogin(
+    RoutedLogin,
+    noun="database",
+    command="db",
+    error=NotLoggedInToDatabase,
+    expired_error=DatabaseCertExpired,
+    cert_suffix=".crt",
+):
     """One `ward db login`: which database, as whom, until when, and where its files are."""
 
     name: str
@@ -110,16 +113,8 @@ class DBLogin:
     folder: Path
 
     @property
-    def cert_path(self) -> Path:
-        return self.folder / f"{self.name}.crt"
-
-    @property
     def key_path(self) -> Path:
         return self.folder / f"{self.name}.key"
-
-    @property
-    def meta_path(self) -> Path:
-        return self.folder / f"{self.name}.yaml"
 
     @property
     def ca_path(self) -> Path:
@@ -139,35 +134,13 @@ class DBLogin:
                 f'database "{self.name}" speaks {self.protocol!r}, which ward cannot connect to'
             ) from None
 
-    def is_expired(self, now: datetime | None = None, margin: timedelta = timedelta(0)) -> bool:
-        return (now or datetime.now(UTC)) + margin >= self.valid_until
-
-    def require_valid(self, now: datetime | None = None) -> DBLogin:
-        if self.is_expired(now):
-            raise DatabaseCertExpired(
-                f'your certificate for database "{self.name}" expired at '
-                f"{self.valid_until:%Y-%m-%d %H:%M:%S} UTC: run `ward db login {self.name}` again"
-            )
-        return self
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """Mutual TLS to the proxy: this database's certificate out, the cluster's host CA in."""
+    def ca_pems(self) -> list[str]:
         try:
-            pems = self.ca_path.read_text()
+            return [self.ca_path.read_text()]
         except FileNotFoundError:
             raise NotLoggedInToDatabase(
                 f"the cluster CA is missing from {self.ca_path}: run `ward db login {self.name}` again"
             ) from None
-        ctx = server_trusting_context([pems])
-        try:
-            ctx.load_cert_chain(self.cert_path, self.key_path)
-        except (FileNotFoundError, ssl.SSLError) as exc:
-            raise NotLoggedInToDatabase(
-                f'cannot load your certificate for database "{self.name}" ({exc}): '
-                f"run `ward db login {self.name}` again"
-            ) from None
-        ctx.set_alpn_protocols([self.alpn])
-        return ctx
 
     def to_dict(self) -> dict[str, Any]:
         """What `<NAME>.yaml` holds."""
@@ -176,7 +149,7 @@ class DBLogin:
             "protocol": self.protocol,
             "db_user": self.db_user,
             "db_name": self.db_name,
-            "valid_until": self.valid_until.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "valid_until": utc_text(self.valid_until),
         }
 
     def describe(self, profile: Profile) -> dict[str, Any]:
@@ -193,61 +166,26 @@ class DBLogin:
         }
 
 
-class DBStore:
+class DBStore(LoginStore[DBLogin]):
     """The database certificates of one profile (see the module docstring for the layout)."""
 
-    def __init__(self, profile: Profile) -> None:
-        self.profile = profile
-        self.folder = profile.key_dir / f"{profile.user}-db"
+    login_class = DBLogin
+    folder_suffix = "-db"
+    files = (".yaml", ".crt", ".key")
+    login_args = " --db-user=USER"
+    renew_margin = RENEW_MARGIN
 
-    def _login(self, name: str, data: Any) -> DBLogin:
-        try:
-            until = data["valid_until"]
-            if isinstance(until, str):
-                until = datetime.fromisoformat(until.replace("Z", "+00:00"))
-            if until.tzinfo is None:
-                until = until.replace(tzinfo=UTC)
-            return DBLogin(
-                name=name,
-                protocol=str(data["protocol"]),
-                db_user=str(data.get("db_user") or ""),
-                db_name=str(data.get("db_name") or ""),
-                valid_until=until,
-                folder=self.folder,
-            )
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise NotLoggedInToDatabase(
-                f'the saved login for database "{name}" is damaged: run `ward db login {name}` again'
-            ) from None
+    check_name = staticmethod(check_db_name)
 
-    def find(self, name: str) -> DBLogin | None:
-        check_db_name(name)
-        try:
-            data = yaml.safe_load((self.folder / f"{name}.yaml").read_text())
-        except FileNotFoundError:
-            return None
-        except yaml.YAMLError:
-            data = None
-        return self._login(name, data)
-
-    def load(self, name: str) -> DBLogin:
-        found = self.find(name)
-        if found is None:
-            raise NotLoggedInToDatabase(
-                f'not logged in to database "{name}": run `ward db login {name} --db-user=USER`'
-            )
-        return found
-
-    def logins(self) -> list[DBLogin]:
-        out = []
-        if self.folder.is_dir():
-            for p in sorted(self.folder.glob("*.yaml")):
-                name = p.name[: -len(".yaml")]
-                if NAME_RE.match(name):
-                    with contextlib.suppress(NotLoggedInToDatabase):
-                        if (found := self.find(name)) is not None:
-                            out.append(found)
-        return out
+    def from_yaml(self, name: str, data: Any, valid_until: datetime) -> DBLogin:
+        return DBLogin(
+            name=name,
+            protocol=str(data["protocol"]),
+            db_user=str(data.get("db_user") or ""),
+            db_name=str(data.get("db_name") or ""),
+            valid_until=valid_until,
+            folder=self.folder,
+        )
 
     def key(self, name: str) -> ec.EllipticCurvePrivateKey:
         """The database's key if one is saved (and usable), else a fresh P-256 key."""
@@ -269,15 +207,13 @@ class DBStore:
         cert_pem: str,
         ca_pems: Sequence[str],
     ) -> DBLogin:
-        """Key, certificate and CA first, the small yaml last: it never points at missing files."""
+        """Key, CA and certificate first, the small yaml last: it never points at missing files."""
         check_db_name(name)
         cert = load_x509(cert_pem)
-        if public_key_pem(cert.public_key()) != public_key_pem(key):
-            raise WardgateError("the cluster returned a certificate for a different key: not saving it")
+        self._check_cert(cert, key)
         if not ca_pems:
             raise WardgateError("the cluster sent no CA to verify the proxy by: not saving the certificate")
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.folder, 0o700)
+        self.make_folder()
         login = DBLogin(
             name=name,
             protocol=protocol,
@@ -287,19 +223,11 @@ class DBStore:
             folder=self.folder,
         )
         atomic_write(login.key_path, private_key_pem(key), 0o600)
-        atomic_write(login.cert_path, cert_pem.strip() + "\n", 0o644)
         atomic_write(login.ca_path, "".join(p.strip() + "\n" for p in ca_pems), 0o644)
-        atomic_write(login.meta_path, yaml.safe_dump(login.to_dict(), sort_keys=False), 0o600)
-        return login
+        return self._write(login, cert_pem)
 
-    def remove(self, name: str) -> bool:
-        """Forget database NAME's login (key, certificate, yaml); True if there was one."""
-        check_db_name(name)
-        found = False
-        for suffix in (".yaml", ".crt", ".key"):
-            with contextlib.suppress(FileNotFoundError):
-                (self.folder / f"{name}{suffix}").unlink()
-                found = True
+    def removed(self, name: str, found: bool) -> None:
+        """Also the libpq alias of the key; with the last login, the folder's shared files."""
         proxy_dir = self.profile.home / "keys" / "libpq" / self.profile.proxy.replace(":", "_")
         with contextlib.suppress(FileNotFoundError):
             (proxy_dir / f"{self.profile.user}-db" / f"{name}.key").unlink()
@@ -309,7 +237,6 @@ class DBStore:
                     (self.folder / leftover).unlink()
             with contextlib.suppress(OSError):
                 self.folder.rmdir()
-        return found
 
     def libpq_key_path(self, login: DBLogin) -> Path:
         """The key path to give libpq (psql, psycopg, pgAdmin): it reads an sslkey with a colon as
@@ -476,25 +403,20 @@ async def db_login(
         if not db_name and previous is not None:
             db_name = previous.db_name
         key = store.key(name)
-        factor: dict[str, str] = {}
-        if entry.get("require_session_mfa"):
-            # Roles want a fresh second factor per session: the certificate lasts a minute.
-            if ask_code is None:
-                raise AccessDeniedError(
-                    f'your roles require a second factor for each session on "{name}": '
-                    "run `ward db login` or `ward db connect` in a terminal"
-                )
-            factor["otp"] = ask_code()
+        factor = session_factor(
+            entry,
+            ask_code,
+            f'your roles require a second factor for each session on "{name}": '
+            "run `ward db login` or `ward db connect` in a terminal",
+        )
         try:
             resp = await c.db_user_cert(
                 db=name, db_user=db_user, db_name=db_name, tls_public_key=public_key_pem(key), **factor
             )
         except (AccessDeniedError, BadParameterError) as exc:
             raise type(exc)(f'cannot log in to database "{name}" as {db_user}: {exc}') from None
-    cert_pem = str(resp.get("tls_cert") or "")
-    if not cert_pem:
-        raise WardgateError(f"the proxy at {profile.proxy} answered without a certificate")
-    ca_pems = [str(p) for p in resp.get("host_ca_pems") or []] or profile.host_ca_pems()
+    cert_pem, ca_pems = issued_cert(profile, resp)
+    ca_pems = ca_pems or profile.host_ca_pems()
     return store.save(
         name,
         protocol=protocol,
@@ -517,12 +439,9 @@ async def ensure_login(
 ) -> DBLogin:
     """The saved login if it is valid (for a while yet) and matches what was asked; else log in."""
     store = store or DBStore(profile)
-    found = None
-    with contextlib.suppress(NotLoggedInToDatabase):
-        found = store.find(name)
+    found = store.current(name)
     if (
         found is not None
-        and not found.is_expired(margin=RENEW_MARGIN)
         and (not db_user or db_user == found.db_user)
         and (not db_name or db_name == found.db_name)
     ):

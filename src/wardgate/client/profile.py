@@ -218,17 +218,13 @@ class Profile:
         """What `<proxy>.yaml` holds (and `ward status --format json` prints)."""
         d = asdict(self)
         d.pop("home")
-        d["valid_until"] = self.valid_until.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        d["valid_until"] = utc_text(self.valid_until)
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], home: Path) -> Profile:
         try:
-            until = data["valid_until"]
-            if isinstance(until, str):
-                until = datetime.fromisoformat(until.replace("Z", "+00:00"))
-            if until.tzinfo is None:
-                until = until.replace(tzinfo=UTC)
+            until = parse_utc(data["valid_until"])
             return cls(
                 proxy=str(data["proxy"]),
                 user=_check_user(str(data["user"])),
@@ -244,7 +240,22 @@ class Profile:
             raise NotLoggedInError(f"the profile is damaged ({exc!r}): run `ward login` again") from None
 
 
-def _private_dir(path: Path) -> None:
+def parse_utc(value: Any) -> datetime:
+    """A saved `valid_until` (ISO text with `Z`, or what YAML made of it) as an aware UTC time."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value
+
+
+def utc_text(when: datetime) -> str:
+    """How `valid_until` is saved: ISO 8601 in UTC with a `Z`."""
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def private_dir(path: Path) -> None:
+    """Make `path` (and its parents) if needed; it is 0700 either way."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
 
@@ -299,7 +310,7 @@ class ProfileStore:
             return ""
 
     def set_current(self, proxy: str) -> None:
-        _private_dir(self.home)
+        private_dir(self.home)
         atomic_write(self.home / "current-profile", normalize_proxy(proxy) + "\n")
 
     def load(self, proxy: str | None = None) -> Profile:
@@ -337,7 +348,7 @@ class ProfileStore:
             if old.user != profile.user:
                 self.remove(profile.proxy)  # one user per proxy: don't leave the last user's keys behind
         for d in (self.home, self.home / "keys", profile.key_dir, profile.host_ca_path.parent):
-            _private_dir(d)
+            private_dir(d)
         atomic_write(profile.key_path, creds.ssh_key_openssh, 0o600)
         atomic_write(profile.pub_path, creds.ssh_public_line.strip() + "\n", 0o644)
         atomic_write(profile.cert_path, creds.ssh_cert_line.strip() + "\n", 0o644)
@@ -389,5 +400,5 @@ class ProfileStore:
             old = []
         mark = f" {KNOWN_HOSTS_MARK}{proxy}"
         kept = [line for line in old if not line.rstrip().endswith(mark)]
-        _private_dir(self.home)
+        private_dir(self.home)
         atomic_write(path, "".join(line + "\n" for line in [*kept, *lines]), 0o644)
