@@ -645,15 +645,17 @@ class DBCertTunnel(DBTunnel):
     def _server_context(self, login: DBLogin) -> ssl.SSLContext:
         return require_saved_cert(self.store.local_server_context(), login)
 
-    async def _tls(self, local: Held, login: DBLogin) -> bool:
+    async def _tls(self, local: Held, login: DBLogin, *, held_is_tls: bool = False) -> bool:
         """Upgrade a local client to TLS: True if it presented the saved certificate, False if it
-        presented none (it is then told so); a failed handshake is a refusal."""
-        if local.size:
+        presented none (it is then told so); a failed handshake is a refusal. `held_is_tls`: bytes
+        already here are the client's ClientHello (MySQL does not wait for an answer)."""
+        if local.size and not held_is_tls:
             raise LocalClientRefused(
                 f'a local client of database "{login.name}" sent data before TLS was agreed: refused'
             )
         try:
-            await local.start_tls_server(self._server_context(login), self.greet_timeout)
+            ctx = self._server_context(login)
+            await local.start_tls_server(ctx, self.greet_timeout, held_is_tls=held_is_tls)
         except ssl.SSLCertVerificationError as exc:
             raise LocalClientRefused(
                 f'refused a local client of database "{login.name}": its certificate is not yours '
@@ -758,7 +760,7 @@ class DBCertTunnel(DBTunnel):
                 f'refused a local client of database "{login.name}" that connected without TLS: '
                 f"clients must {self._how(login)}"
             )
-        if not await self._tls(local, login):
+        if not await self._tls(local, login, held_is_tls=True):
             if (got := await _read_mysql_packet(local)) is not None:
                 local.transport.write(
                     my.err_packet(got[0] + 1, my.ER_ACCESS_DENIED_ERROR, "28000", self._no_cert(login))

@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import signal
 import ssl
+from asyncio import sslproto
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -28,6 +29,7 @@ from wardgate.api.client import ConnectionFailed
 from wardgate.client.profile import Profile, split_host_port
 from wardgate.errors import AccessDeniedError, BadParameterError, WardgateError
 from wardgate.proxy.relay import Relay, RelayStats
+from wardgate.streams import deliver
 
 log = logging.getLogger(__name__)
 
@@ -156,16 +158,42 @@ class Held(asyncio.Protocol):
             self.transport.resume_reading()
         return head
 
-    async def start_tls_server(self, ctx: ssl.SSLContext, handshake_timeout: float) -> None:
+    async def start_tls_server(
+        self, ctx: ssl.SSLContext, handshake_timeout: float, *, held_is_tls: bool = False
+    ) -> None:
         """Upgrade this (accepted) connection to TLS as the server; what follows arrives decrypted.
 
-        Called when nothing is held: a client that sent more than its TLS request before the
-        answer is refused by the caller (plaintext must not leak into the encrypted stream).
+        Bytes already held are the start of the client's handshake when `held_is_tls` (MySQL's
+        client sends its ClientHello right behind the SSLRequest, with no answer to wait for);
+        otherwise the caller refuses a client that sent anything before the answer (plaintext
+        must not leak into the encrypted stream). asyncio's `start_tls` cannot be given bytes
+        already read, so the TLS protocol is attached here and fed them first.
         """
         loop = asyncio.get_running_loop()
-        self.transport = await loop.start_tls(
-            self.transport, self, ctx, server_side=True, ssl_handshake_timeout=handshake_timeout
+        early = self.take(self.size) if held_is_tls else b""
+        waiter: asyncio.Future[None] = loop.create_future()
+        tls = sslproto.SSLProtocol(
+            loop,
+            self,
+            ctx,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=handshake_timeout,
+            call_connection_made=False,
         )
+        raw = self.transport
+        raw.pause_reading()
+        raw.set_protocol(tls)
+        tls.connection_made(raw)
+        if early:
+            deliver(tls, early)
+        raw.resume_reading()
+        try:
+            await waiter
+        except BaseException:
+            raw.close()
+            raise
+        self.transport = tls._app_transport  # what loop.start_tls returns, too
 
 
 @dataclass(frozen=True)
