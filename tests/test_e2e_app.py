@@ -84,6 +84,8 @@ class AppCluster:
     - {{name: cache, uri: "tcp://127.0.0.1:{self.redis.port}", labels: {{env: dev}}}}
     - {{name: vault, uri: "{up}", labels: {{env: dev, tier: secret}}}}
     - {{name: ops, uri: "{up}", labels: {{env: prod}}}}
+  resources:
+    - labels: {{team: web}}
 """
             self.cluster = SSHCluster(root / "cluster", public_host=PUBLIC, extra=apps)
             wardctl(self.cluster.data_dir, "create", "-f", "-", stdin=ROLES)
@@ -398,6 +400,29 @@ def test_an_upstream_that_resets_gives_a_502_page(apps: AppCluster, dana: Path) 
     r = curl(curl_argv(dana, "web"), apps.url("web", "/reset"), "-w", "\n%{http_code}")
     body, code = r.stdout.rsplit("\n", 1)
     assert code == "502" and "<html" in body.lower()
+
+
+def test_a_created_app_matching_the_selectors_is_served_at_once(apps: AppCluster, dana: Path) -> None:
+    up = apps.upstream.port  # type: ignore[union-attr]
+    app = f"""kind: app
+version: v1
+metadata: {{name: dyn, labels: {{env: dev, team: web}}, description: Created with wardctl}}
+spec:
+  uri: http://127.0.0.1:{up}
+"""
+    wardctl(apps.c.data_dir, "create", "-f", "-", stdin=app)
+    deadline = time.monotonic() + 10  # well before the 30 s periodic heartbeat
+    while "dyn" not in run_ward(dana, "apps", "ls").stdout:
+        assert time.monotonic() < deadline, "the created app was not announced"
+        time.sleep(0.5)
+    assert run_ward(dana, "app", "login", "dyn").returncode == 0
+    r = curl(curl_argv(dana, "dyn"), apps.url("dyn", "/small"))
+    assert r.stdout == "ok\n", r.stderr
+    wardctl(apps.c.data_dir, "rm", "app/dyn")
+    deadline = time.monotonic() + 10
+    while "dyn" in run_ward(dana, "apps", "ls").stdout:
+        assert time.monotonic() < deadline, "the removed app is still listed"
+        time.sleep(0.5)
 
 
 # ---------------------------------------------------------------- reverse tunnel

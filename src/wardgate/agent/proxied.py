@@ -22,6 +22,7 @@ from wardgate.agent.tunnel import TunnelAgent, tunnel_for
 from wardgate.api.cache import ResourceCache
 from wardgate.api.client import AuthClient
 from wardgate.api.emitter import RemoteEmitter
+from wardgate.api.events import ResourceEvent
 from wardgate.api.identityfile import IdentityFile
 from wardgate.api.resources import Metadata, Resource
 from wardgate.auth.rbac import match_labels
@@ -64,6 +65,7 @@ class ProxiedAgent(ABC):
         self.static = dict(static)
         self.tunnel: TunnelAgent | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._announced: list[str] = []
 
     def served(self) -> dict[str, Any]:
         """What this service serves now: its config, plus matching `wardctl create`d resources."""
@@ -84,8 +86,31 @@ class ProxiedAgent(ABC):
         if s.tunnel_proxy:
             self.tunnel = tunnel_for(s.tunnel_proxy, self.identity, self._on_channel, self.TUNNEL_SERVICE)
         await self.heartbeat()
+        self._tasks.append(asyncio.create_task(self._announce_changes()))
         beats = repeat(HEARTBEAT_EVERY.total_seconds(), self.heartbeat, f"{self.KIND} heartbeat")
         self._tasks.append(asyncio.create_task(beats))
+
+    async def _announce_changes(self) -> None:
+        """A `wardctl create`d resource matching the selectors (or its removal) is announced at
+        once, not at the next periodic heartbeat: proxies route by what the service says it serves."""
+        changed = asyncio.Event()
+
+        def on_event(ev: ResourceEvent) -> None:
+            if ev.kind == self.KIND and self.settings.selectors:
+                changed.set()
+
+        unsubscribe = self.cache.subscribe(on_event)
+        try:
+            while True:
+                await changed.wait()
+                changed.clear()
+                if sorted(self.served()) != self._announced:
+                    try:
+                        await self.heartbeat()
+                    except Exception as exc:  # the periodic heartbeat tries again
+                        log.warning("announcing a change of served %s resources failed: %s", self.KIND, exc)
+        finally:
+            unsubscribe()
 
     async def _on_channel(self, service: str, client_addr: str, reader: Any, writer: Any) -> None:
         await self.service.serve_tunnel_channel(reader, writer)
@@ -105,7 +130,9 @@ class ProxiedAgent(ABC):
             beat = res.model_copy(deep=True)
             beat.metadata.expires = expires
             await send(beat)
+        served = sorted(self.served())
         await send(self.service_heartbeat(Metadata(name=self.settings.host_id, expires=expires)))
+        self._announced = served
 
     @abstractmethod
     async def close_service(self) -> None:
