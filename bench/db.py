@@ -59,8 +59,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ssh as sshbench  # bench/ssh.py's helpers, reused as they are
+import stdlib_http  # noqa: F401 - before anything imports http: bench/http.py would shadow it
 
 BIN = Path(sys.executable).parent
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), Path("/usr/bin"))
@@ -286,49 +286,16 @@ log_disconnections = 0
         return 0
 
     def add_user_and_login(self) -> None:
-        from wardgate import runtime
-        from wardgate.api.client import AuthClient
-        from wardgate.api.identityfile import server_trusting_context
-        from wardgate.auth.totp import current_code
-
         progress(f"role db-bench, user {USER} (password + TOTP), `ward login`, `ward db login {DB}`")
         role = self.tmp / "role.yaml"
         role.write_text(ROLE)
         self.wardctl("create", "-f", str(role))
-        out = self.wardctl("users", "add", USER, "--roles=db-bench")
-        token = out.split("--invite=")[1].split()[0]
-        addr = f"127.0.0.1:{self.auth_port}"
-
-        async def register() -> str:
-            pems = await AuthClient.discover_trust(addr, ca_pin=self.pin)
-            async with AuthClient(addr, server_trusting_context(pems)) as c:
-                info = await c.begin_registration(token)
-                await c.complete_registration(token, PASSWORD, current_code(info["totp_secret"]))
-            return str(info["totp_secret"])
-
-        secret = runtime.run(register())
-        import pexpect  # a dev dependency (the e2e tests use it too)
-
+        secret = sshbench.register_user(self.wardctl, self.auth_port, self.pin, roles="db-bench")
         self.home = self.tmp / "ward-home"
-        child = pexpect.spawn(
-            str(BIN / "ward"),
-            ["login", f"--proxy=127.0.0.1:{self.proxy_port}", f"--user={USER}", f"--ca-pin={self.pin}"],
-            env=self.ward_env(),
-            encoding="utf-8",
-            timeout=30,
+        # The next step: registration spent this one.
+        sshbench.ward_login(
+            self.home, self.proxy_port, self.pin, sshbench.current_totp(secret, time.time() + 30)
         )
-        try:
-            child.expect(f"Password for {USER}")
-            child.sendline(PASSWORD)
-            child.expect("One-time code")
-            child.sendline(
-                current_code(secret, time.time() + 30)
-            )  # the next step: registration spent this one
-            child.expect(pexpect.EOF)
-        finally:
-            child.close()
-        if child.exitstatus != 0:
-            raise RuntimeError(f"ward login failed:\n{child.before}")
         deadline = time.monotonic() + 30
         while DB not in self.ward("db", "ls"):
             if time.monotonic() > deadline:

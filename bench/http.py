@@ -25,16 +25,7 @@ rate and CPU per process. Read the ratios (to nginx, the peer, and to direct) of
 the two cores are shared by wrk, the upstream, the proxy under test and the audit log.
 """
 
-# ruff: noqa: E402 - the imports follow the sys.path repair below
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# Python puts this file's folder first on sys.path, where this file would pass for the standard
-# library's `http` package (aiohttp imports it): take the folder off and load bench/ssh.py by path.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import argparse
 import asyncio
@@ -46,17 +37,15 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from importlib.util import module_from_spec, spec_from_file_location
+from pathlib import Path
 from typing import Any
 
-_spec = spec_from_file_location("sshbench", _HERE / "ssh.py")
-assert _spec is not None and _spec.loader is not None
-sshbench = module_from_spec(_spec)  # bench/ssh.py's helpers, reused as they are
-sys.modules["sshbench"] = sshbench  # its dataclasses look their module up there
-_spec.loader.exec_module(sshbench)
+import ssh as sshbench  # bench/ssh.py's helpers, reused as they are
+import stdlib_http  # noqa: F401 - before anything imports http: bench/http.py would shadow it
 
 BIN = Path(sys.executable).parent
 CLUSTER = "bench.example"
@@ -229,25 +218,16 @@ app_service:
             time.sleep(0.1)
         self.pin = json.loads(self.wardctl("status", "--format", "json"))["ca_pin"]
         self.wardctl("create", "-f", "-", stdin=ROLE)
-        self.cookie = asyncio.run(self.app_session())
+        progress(f"user {USER} (password + TOTP), web sign-in, app session for {APP}")
+        secret = sshbench.register_user(self.wardctl, self.auth_port, self.pin, roles="app-bench")
+        self.cookie = asyncio.run(self.app_session(secret))
 
-    async def app_session(self) -> str:
-        """Register a user, sign in to the web API, and open an app session the browser's way."""
+    async def app_session(self, secret: str) -> str:
+        """Sign in to the web API and open an app session the browser's way."""
         import aiohttp
 
-        from wardgate.api.client import AuthClient
-        from wardgate.api.identityfile import server_trusting_context
         from wardgate.auth.totp import current_code
 
-        progress(f"user {USER} (password + TOTP), web sign-in, app session for {APP}")
-        out = self.wardctl("users", "add", USER, "--roles=app-bench")
-        token = out.split("--invite=")[1].split()[0]
-        addr = f"127.0.0.1:{self.auth_port}"
-        pems = await AuthClient.discover_trust(addr, ca_pin=self.pin)
-        async with AuthClient(addr, server_trusting_context(pems)) as c:
-            info = await c.begin_registration(token)
-            secret = info["totp_secret"]
-            await c.complete_registration(token, PASSWORD, current_code(secret))
         base = f"https://127.0.0.1:{self.proxy_port}"
         jar = aiohttp.CookieJar(unsafe=True)
         connector = aiohttp.TCPConnector(ssl=False)

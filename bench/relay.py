@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import stdlib_http  # noqa: F401 - before anything imports http: bench/http.py would shadow it
+
 MiB = 1 << 20
 GiB = 1 << 30
 CHUNK = MiB

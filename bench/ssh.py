@@ -73,6 +73,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import stdlib_http  # noqa: F401 - before anything imports http: bench/http.py would shadow it
+
 BIN = Path(sys.executable).parent
 MiB = 1 << 20
 GiB = 1 << 30
@@ -151,6 +153,56 @@ def machine_busy() -> float:
     """Busy CPU seconds of the whole machine, all CPUs (not idle, iowait or steal)."""
     values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     return sum(values[:3] + values[5:7]) / TICKS  # user, nice, system, irq, softirq
+
+
+def current_totp(secret: str, at: float) -> str:
+    from wardgate.auth.totp import current_code
+
+    return current_code(secret, at)
+
+
+def register_user(wardctl: Any, auth_port: int, pin: str, *, roles: str, logins: str = "") -> str:
+    """`wardctl users add` + registration with password and TOTP, as the invitation page does;
+    returns the TOTP secret (the current 30 s step is spent)."""
+    from wardgate import runtime
+    from wardgate.api.client import AuthClient
+    from wardgate.api.identityfile import server_trusting_context
+
+    args = ["users", "add", USER, f"--roles={roles}"] + ([f"--logins={logins}"] if logins else [])
+    token = wardctl(*args).split("--invite=")[1].split()[0]
+    addr = f"127.0.0.1:{auth_port}"
+
+    async def register() -> str:
+        pems = await AuthClient.discover_trust(addr, ca_pin=pin)
+        async with AuthClient(addr, server_trusting_context(pems)) as c:
+            info = await c.begin_registration(token)
+            await c.complete_registration(token, PASSWORD, current_totp(info["totp_secret"], time.time()))
+        return str(info["totp_secret"])
+
+    return runtime.run(register())
+
+
+def ward_login(home: Path, proxy_port: int, pin: str, code: str) -> None:
+    """The real `ward login` at its prompts (password, then `code`) into WARD_HOME=home."""
+    import pexpect  # a dev dependency (the e2e tests use it too)
+
+    child = pexpect.spawn(
+        str(BIN / "ward"),
+        ["login", f"--proxy=127.0.0.1:{proxy_port}", f"--user={USER}", f"--ca-pin={pin}"],
+        env={**os.environ, "WARD_HOME": str(home), "COLUMNS": "200"},
+        encoding="utf-8",
+        timeout=30,
+    )
+    try:
+        child.expect(f"Password for {USER}")
+        child.sendline(PASSWORD)
+        child.expect("One-time code")
+        child.sendline(code)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    if child.exitstatus != 0:
+        raise RuntimeError(f"ward login failed:\n{child.before}")
 
 
 def audit_count(data_dir: Path, event: str) -> int | None:
@@ -316,45 +368,11 @@ ssh_service:
         self.pin = json.loads(self.wardctl("status", "--format", "json"))["ca_pin"]
 
     def add_user_and_login(self) -> None:
-        from wardgate import runtime
-        from wardgate.api.client import AuthClient
-        from wardgate.api.identityfile import server_trusting_context
-        from wardgate.auth.totp import current_code
-
         progress(f"registering user {USER} (password + TOTP) and running `ward login`")
-        out = self.wardctl("users", "add", USER, "--roles=access", f"--logins={LOGIN}")
-        token = out.split("--invite=")[1].split()[0]
-        addr = f"127.0.0.1:{self.auth_port}"
-
-        async def register() -> str:
-            pems = await AuthClient.discover_trust(addr, ca_pin=self.pin)
-            async with AuthClient(addr, server_trusting_context(pems)) as c:
-                info = await c.begin_registration(token)
-                await c.complete_registration(token, PASSWORD, current_code(info["totp_secret"]))
-            return str(info["totp_secret"])
-
-        secret = runtime.run(register())
-        import pexpect  # a dev dependency (the e2e tests use it too)
-
+        secret = register_user(self.wardctl, self.auth_port, self.pin, roles="access", logins=LOGIN)
         self.home = self.tmp / "ward-home"
-        child = pexpect.spawn(
-            str(BIN / "ward"),
-            ["login", f"--proxy=127.0.0.1:{self.proxy_port}", f"--user={USER}", f"--ca-pin={self.pin}"],
-            env={**os.environ, "WARD_HOME": str(self.home), "COLUMNS": "200"},
-            encoding="utf-8",
-            timeout=30,
-        )
-        try:
-            child.expect(f"Password for {USER}")
-            child.sendline(PASSWORD)
-            child.expect("One-time code")
-            # Registration spent the current 30 s step; the next one is inside the ±1 window.
-            child.sendline(current_code(secret, time.time() + 30))
-            child.expect(pexpect.EOF)
-        finally:
-            child.close()
-        if child.exitstatus != 0:
-            raise RuntimeError(f"ward login failed:\n{child.before}")
+        # Registration spent the current 30 s step; the next one is inside the ±1 window.
+        ward_login(self.home, self.proxy_port, self.pin, current_totp(secret, time.time() + 30))
 
     def start_jump(self) -> None:
         jdir = self.tmp / "jump"

@@ -30,6 +30,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import stdlib_http  # noqa: F401 - before anything imports http: bench/http.py would shadow it
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import uvloop

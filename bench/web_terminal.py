@@ -50,8 +50,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ssh as sshbench  # bench/ssh.py's test bed, reused as it is
+import stdlib_http  # noqa: F401 - before anything imports http: bench/http.py would shadow it
 
 from wardgate.protocols import webterm as wt
 
@@ -96,45 +96,11 @@ def totp_after(secret: str, used_step: int) -> tuple[str, int]:
 
 def register_and_login(bed: sshbench.Bed) -> tuple[str, int]:
     """bench/ssh.py's `add_user_and_login`, keeping the TOTP secret for the web sign-in."""
-    from wardgate import runtime
-    from wardgate.api.client import AuthClient
-    from wardgate.api.identityfile import server_trusting_context
-    from wardgate.auth.totp import current_code
-
     progress(f"registering user {USER} (password + TOTP) and running `ward login`")
-    out = bed.wardctl("users", "add", USER, "--roles=access", f"--logins={LOGIN}")
-    token = out.split("--invite=")[1].split()[0]
-    addr = f"127.0.0.1:{bed.auth_port}"
-
-    async def register() -> str:
-        pems = await AuthClient.discover_trust(addr, ca_pin=bed.pin)
-        async with AuthClient(addr, server_trusting_context(pems)) as c:
-            info = await c.begin_registration(token)
-            await c.complete_registration(token, PASSWORD, current_code(info["totp_secret"]))
-        return str(info["totp_secret"])
-
-    secret = runtime.run(register())
-    import pexpect  # a dev dependency (the e2e tests use it too)
-
+    secret = sshbench.register_user(bed.wardctl, bed.auth_port, bed.pin, roles="access", logins=LOGIN)
     bed.home = bed.tmp / "ward-home"
-    child = pexpect.spawn(
-        str(BIN / "ward"),
-        ["login", f"--proxy=127.0.0.1:{bed.proxy_port}", f"--user={USER}", f"--ca-pin={bed.pin}"],
-        env={**os.environ, "WARD_HOME": str(bed.home), "COLUMNS": "200"},
-        encoding="utf-8",
-        timeout=30,
-    )
     code, step = totp_after(secret, int(time.time() // 30))  # registration spent the current step
-    try:
-        child.expect(f"Password for {USER}")
-        child.sendline(PASSWORD)
-        child.expect("One-time code")
-        child.sendline(code)
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
-    if child.exitstatus != 0:
-        raise RuntimeError(f"ward login failed:\n{child.before}")
+    sshbench.ward_login(bed.home, bed.proxy_port, bed.pin, code)
     return secret, step
 
 
