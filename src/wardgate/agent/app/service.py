@@ -1085,8 +1085,6 @@ class _HttpConnection:
                     body_sent.set()
 
             body = stream()
-        else:
-            body_sent.set()
 
         async def send() -> aiohttp.ClientResponse:
             return await up.session.request(
@@ -1098,16 +1096,22 @@ class _HttpConnection:
             )
 
         # The answer is due `response_timeout` after the body was sent (a slow upload is not
-        # the app's delay), or earlier if the app answers before reading it all.
-        sending = asyncio.ensure_future(send())
+        # the app's delay), or earlier if the app answers before reading it all. Without a body
+        # (most requests) the clock starts at once: no tasks to race.
+        sending: asyncio.Future[aiohttp.ClientResponse] | None = None
         try:
-            waiting = asyncio.ensure_future(body_sent.wait())
-            try:
-                await asyncio.wait({sending, waiting}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiting.cancel()
-            async with asyncio.timeout(self.options.response_timeout):
-                upstream = await sending
+            if body is None:
+                async with asyncio.timeout(self.options.response_timeout):
+                    upstream = await send()
+            else:
+                sending = asyncio.ensure_future(send())
+                waiting = asyncio.ensure_future(body_sent.wait())
+                try:
+                    await asyncio.wait({sending, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiting.cancel()
+                async with asyncio.timeout(self.options.response_timeout):
+                    upstream = await sending
         except TimeoutError:
             log.info(
                 "%s did not answer %s in %ss", s.app.spec.uri, request.method, self.options.response_timeout
@@ -1124,7 +1128,7 @@ class _HttpConnection:
             stats.status = resp.status
             return _closing(resp)
         finally:
-            if not sending.done():
+            if sending is not None and not sending.done():
                 sending.cancel()
         stats.status = upstream.status
         try:
